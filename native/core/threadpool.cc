@@ -105,7 +105,10 @@ class Pool {
   void start_workers(int count) {
     stop_workers();
     stop_.store(false);
-    for (int i = 0; i < count; i++) workers_.emplace_back([this, i] { worker(i + 1); });
+    // The generation is read here, before any job is published, so a worker that starts late still
+    // sees the first job as new.
+    const uint64_t gen = generation_.load(std::memory_order_acquire);
+    for (int i = 0; i < count; i++) workers_.emplace_back([this, i, gen] { worker(i + 1, gen); });
   }
 
   void stop_workers() {
@@ -119,8 +122,7 @@ class Pool {
     workers_.clear();
   }
 
-  void worker(int index) {
-    uint64_t seen = generation_.load(std::memory_order_acquire);
+  void worker(int index, uint64_t seen) {
     for (;;) {
       auto t0 = std::chrono::steady_clock::now();
       int spins = 0;
