@@ -7,3 +7,5 @@
  * docs/ARCHITECTURE.md.
  */
 export * from './rmsnorm.js';
+export * from './embedding.js';
+export * from './adamw.js';

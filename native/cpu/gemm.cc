@@ -1,0 +1,487 @@
+// cpu/gemm.cc: fp32 GEMM (all four transpose combinations) and GEMM with bf16 B, BLIS-style.
+//
+// C = alpha * op(A) op(B) + beta * C, row-major, leading dimensions honoured; beta == 0 never reads C.
+//
+// Blocking (the BLIS loop nest; see "Anatomy of high-performance matrix multiplication"):
+//   for jc in N step NC                      B panel  [KC x NC]  packed once, shared by all threads (L3)
+//     for pc in K step KC
+//       pack B panel into NR-wide slivers   (threads split the slivers, then meet at one barrier)
+//       for ic in M step MC   (work units, taken dynamically by the threads)
+//         pack A block into MR-tall slivers  A block [MC x KC] per thread (L2)
+//         for jr in NC step NR                  B sliver [KC x NR] stays in L1 across ...
+//           for ir in MC step MR                ... the A slivers streamed from L2
+//             microkernel: C[MR x NR] += A sliver^T B sliver, MR*NR/W vector accumulators
+// Packing absorbs the transposes (and, for bf16 B, the widening to fp32), so one microkernel serves
+// every layout. Edge tiles: packing pads with zeros to whole MR / NR, the microkernel writes the full
+// tile into a small buffer and only the valid part is merged into C. The first KC step applies beta,
+// later ones accumulate (beta = 1). Two B panel buffers alternate between (jc, pc) steps, so one
+// barrier per step is enough: a thread may start packing the next panel while the other still
+// computes on the current one. Each C element is computed by exactly one thread with the same k
+// order whatever the thread count, so results are deterministic (and equal at 1 and 2 threads).
+// When the M blocks are too few to keep every thread busy, each A block is split into several
+// work units along N (both threads then pack that small A block, which is cheap).
+//
+// Parameters (per ISA level; measured on AMD Zen 3, 32 KiB L1d, 512 KiB L2 per core, 32 MiB L3):
+//   avx2:   MR x NR = 6 x 16 (12 ymm accumulators, 2 B loads + 6 broadcasts per k),
+//           KC = 256 (B sliver 16 KiB in L1), MC = 144 (A block 144 KiB in L2), NC = 4096.
+//   avx512: 14 x 32 (28 zmm accumulators), same logic, KC = 256, MC = 112; cannot run on the
+//           development machine, so it is structurally identical to the avx2 code.
+//   scalar: 4 x 4 plain blocked kernel (W = 1): correct, not fast.
+//
+// Small M (M <= 16, decode and GEMV-like shapes) skips packing entirely: with transB each C element
+// is a dot product of two contiguous rows (A row, B row), computed 2 x 4 at a time with vectors
+// along K; without transB, a few rows of A are broadcast against contiguous row segments of B.
+// Both are threaded over N. The bf16 variant on CPUs with AVX512_BF16 uses _mm512_dpbf16_ps with A
+// rounded to bf16 (k pairs interleaved in the packed panels); elsewhere B is widened while packing.
+#include <atomic>
+#include <cstdlib>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "bts/cpu.h"
+#include "bts/ops.h"
+#include "bts/threadpool.h"
+#include "isa_begin.h"
+
+namespace bts {
+namespace cpu {
+namespace BTS_ISA {
+using namespace simd;
+
+namespace {
+
+#if BTS_ISA_LEVEL == 3
+constexpr int MR = 14, NV = 2;
+constexpr int64_t MC = 112, KC = 256, NC = 4096;
+#elif BTS_ISA_LEVEL == 2
+constexpr int MR = 6, NV = 2;
+constexpr int64_t MC = 144, KC = 256, NC = 4096;
+#else
+constexpr int MR = 4, NV = 4;
+constexpr int64_t MC = 64, KC = 256, NC = 1024;
+#endif
+constexpr int NR = NV * W;
+constexpr int64_t kSmallM = 16;  // M up to this uses the unpacked paths
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- element access: fp32 and bf16 B share every loop through these.
+inline float widen(float x) { return x; }
+inline float widen(bf16 x) { return bf16_to_f32(x); }
+inline vf loadw(const float* p) { return load(p); }
+inline vf loadw(const bf16* p) { return load_bf16(p); }
+inline vf loadw_partial(const float* p, int n) { return load_partial(p, n); }
+inline vf loadw_partial(const bf16* p, int n) { return load_bf16_partial(p, n); }
+
+// ---- workspace: grown on demand, kept per thread (ops may nest, so no global buffer).
+struct Workspace {
+  float* p = nullptr;
+  size_t n = 0;
+  ~Workspace() { std::free(p); }
+  float* get(size_t need) {  // need floats, 64-byte aligned
+    if (need > n) {
+      std::free(p);
+      n = 0;
+      p = static_cast<float*>(std::aligned_alloc(64, ((need * sizeof(float) + 63) / 64) * 64));
+      if (!p) throw Error("E_NO_MEMORY", "gemm: out of memory for packing buffers");
+      n = need;
+    }
+    return p;
+  }
+};
+thread_local Workspace tl_bpanel, tl_ablock;
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// Sense-free spin barrier for the threads of one parallel_run (all pass the same n).
+struct SpinBarrier {
+  std::atomic<int> count{0};
+  std::atomic<int> gen{0};
+  void wait(int n) {
+    if (n <= 1) return;
+    const int g = gen.load(std::memory_order_acquire);
+    if (count.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+      count.store(0, std::memory_order_relaxed);
+      gen.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    int spins = 0;
+    while (gen.load(std::memory_order_acquire) == g) {
+      cpu_relax();
+      if (++spins > 2000) std::this_thread::yield();
+    }
+  }
+};
+
+// ---- the microkernel: c[MR x NR] (row stride ldc) = alpha * sum_k a[k, :]^T b[k, :] + beta * c.
+// a: packed A sliver [kc, MR]; b: packed B sliver [kc, NR]. beta == 0: c is not read.
+inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* c, int64_t ldc,
+                         float alpha, float beta) {
+  vf acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) acc[i][v] = zero();
+  for (int64_t k = 0; k < kc; k++) {
+    vf bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) bv[v] = load(b + v * W);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++) {
+      const vf ai = set1(a[i]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; v++) acc[i][v] = fmadd(ai, bv[v], acc[i][v]);
+    }
+    a += MR;
+    b += NR;
+  }
+  const vf va = set1(alpha);
+  if (beta == 0.f) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; v++) store(c + i * ldc + v * W, acc[i][v] * va);
+  } else if (beta == 1.f) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; v++) store(c + i * ldc + v * W, fmadd(acc[i][v], va, load(c + i * ldc + v * W)));
+  } else {
+    const vf vb = set1(beta);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; v++)
+        store(c + i * ldc + v * W, fmadd(acc[i][v], va, load(c + i * ldc + v * W) * vb));
+  }
+}
+
+// C tile of mr x nr (< MR x NR somewhere): full tile computed into a buffer, valid part merged.
+inline void micro_kernel_edge(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int mr, int nr,
+                              float alpha, float beta) {
+  alignas(64) float tmp[MR * NR];
+  micro_kernel(kc, a, b, tmp, NR, 1.f, 0.f);
+  for (int i = 0; i < mr; i++)
+    for (int j = 0; j < nr; j++) {
+      float& y = c[i * ldc + j];
+      y = beta == 0.f ? alpha * tmp[i * NR + j] : alpha * tmp[i * NR + j] + beta * y;
+    }
+}
+
+// ---- packing.
+// A block: rows [i0, i0+mc) x k [k0, k0+kc) of op(A) into slivers [kc, MR], zero-padded rows.
+void pack_a(const float* A, int64_t lda, bool transA, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* dst) {
+  for (int64_t ir = 0; ir < mc; ir += MR) {
+    const int mr = int(std::min<int64_t>(MR, mc - ir));
+    float* d = dst + ir * kc;  // sliver ir / MR: [kc, MR]
+    if (transA) {  // op(A)[i, k] = A[k, i]: MR contiguous floats per k
+      const float* s = A + k0 * lda + i0 + ir;
+      if (mr == MR) {
+        for (int64_t k = 0; k < kc; k++)
+          for (int i = 0; i < MR; i++) d[k * MR + i] = s[k * lda + i];
+      } else {
+        for (int64_t k = 0; k < kc; k++)
+          for (int i = 0; i < MR; i++) d[k * MR + i] = i < mr ? s[k * lda + i] : 0.f;
+      }
+    } else {  // op(A)[i, k] = A[i, k]: rows contiguous along k, written with stride MR
+      for (int i = 0; i < MR; i++) {
+        if (i < mr) {
+          const float* s = A + (i0 + ir + i) * lda + k0;
+          for (int64_t k = 0; k < kc; k++) d[k * MR + i] = s[k];
+        } else {
+          for (int64_t k = 0; k < kc; k++) d[k * MR + i] = 0.f;
+        }
+      }
+    }
+  }
+}
+
+// B slivers [s0, s1) of the panel k [k0, k0+kc) x n [j0, j0+nc): sliver s is [kc, NR] at dst + s*kc*NR,
+// columns past nc zero. TB = float or bf16 (widened here).
+template <class TB>
+void pack_b(const TB* B, int64_t ldb, bool transB, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t s0,
+            int64_t s1, float* dst) {
+  for (int64_t s = s0; s < s1; s++) {
+    const int nr = int(std::min<int64_t>(NR, nc - s * NR));
+    float* d = dst + s * kc * NR;
+    const int64_t j = j0 + s * NR;
+    if (!transB) {  // op(B)[k, j] = B[k, j]: NR contiguous per k
+      const TB* src = B + k0 * ldb + j;
+      if (nr == NR) {
+        for (int64_t k = 0; k < kc; k++)
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; v++) store(d + k * NR + v * W, loadw(src + k * ldb + v * W));
+      } else {
+        for (int64_t k = 0; k < kc; k++)
+          for (int jj = 0; jj < NR; jj++) d[k * NR + jj] = jj < nr ? widen(src[k * ldb + jj]) : 0.f;
+      }
+    } else {  // op(B)[k, j] = B[j, k]: rows contiguous along k, written with stride NR
+      for (int jj = 0; jj < NR; jj++) {
+        if (jj < nr) {
+          const TB* src = B + (j + jj) * ldb + k0;
+          for (int64_t k = 0; k < kc; k++) d[k * NR + jj] = widen(src[k]);
+        } else {
+          for (int64_t k = 0; k < kc; k++) d[k * NR + jj] = 0.f;
+        }
+      }
+    }
+  }
+}
+
+// The operands of one call, B of type TB.
+template <class TB>
+struct Problem {
+  int64_t M, N, K;
+  bool transA, transB;
+  const float* A;  // [M, K] (lda) or [K, M]
+  int64_t lda;
+  const TB* B;  // [K, N] (ldb) or [N, K]
+  int64_t ldb;
+  float* C;  // [M, N] (ldc)
+  int64_t ldc;
+  float alpha, beta;
+};
+
+// Threads worth using for `flops` floating-point operations (the pool hand-off costs a few us).
+int threads_for(double flops) {
+  const int T = num_threads();
+  if (T <= 1 || flops < 2e6) return 1;
+  return std::min<int>(T, int(flops / 1e6));
+}
+
+// ---- the blocked path (any M, N, K).
+template <class TB>
+void gemm_blocked(const Problem<TB>& p) {
+  const int64_t M = p.M, N = p.N, K = p.K;
+  const int64_t nc_max = std::min(NC, ceil_div(N, NR) * NR);
+  const int64_t kc_max = std::min(KC, K);
+  const int64_t panel = kc_max * nc_max;  // floats per B panel
+  float* bbuf = tl_bpanel.get(size_t(2 * panel));
+  const int64_t n_jc = ceil_div(N, NC), n_pc = ceil_div(K, KC), n_ic = ceil_div(M, MC);
+  const int want = threads_for(2.0 * double(M) * double(N) * double(K));
+  // Work units per (jc, pc) step: n_ic A blocks, each split into `parts` along N when blocks are few.
+  const int64_t max_slivers = ceil_div(nc_max, NR);
+  const int64_t parts = n_ic >= 4 * want ? 1 : std::min<int64_t>(max_slivers, ceil_div(4 * want, n_ic));
+  const int64_t units = n_ic * parts;
+  std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[size_t(n_jc * n_pc)]);
+  for (int64_t i = 0; i < n_jc * n_pc; i++) next[i].store(0, std::memory_order_relaxed);
+  SpinBarrier barrier;
+
+  parallel_run([&](int t, int nthr) {
+    const int nt = std::min(nthr, want);
+    if (t >= nt) return;
+    float* abuf = tl_ablock.get(size_t(ceil_div(std::min(MC, M), MR) * MR * kc_max));  // [MC, KC] slivers
+    int64_t step = 0;
+    for (int64_t jc = 0; jc < N; jc += NC) {
+      const int64_t nc = std::min(NC, N - jc);
+      const int64_t ns = ceil_div(nc, NR);
+      for (int64_t pc = 0; pc < K; pc += KC, step++) {
+        const int64_t kc = std::min(KC, K - pc);
+        float* bp = bbuf + (step & 1) * panel;
+        pack_b(p.B, p.ldb, p.transB, pc, kc, jc, nc, ns * t / nt, ns * (t + 1) / nt, bp);
+        barrier.wait(nt);
+        const float beta = pc == 0 ? p.beta : 1.f;
+        const int64_t per_part = ceil_div(ns, parts);
+        int64_t packed_ic = -1;
+        for (;;) {
+          const int64_t u = next[step].fetch_add(1, std::memory_order_relaxed);
+          if (u >= units) break;
+          const int64_t ib = u / parts, part = u % parts;
+          const int64_t ic = ib * MC, mc = std::min(MC, M - ic);
+          if (ib != packed_ic) {
+            pack_a(p.A, p.lda, p.transA, ic, mc, pc, kc, abuf);
+            packed_ic = ib;
+          }
+          const int64_t sa = part * per_part, sb = std::min(ns, sa + per_part);
+          for (int64_t s = sa; s < sb; s++) {
+            const int nr = int(std::min<int64_t>(NR, nc - s * NR));
+            const float* bs = bp + s * kc * NR;
+            for (int64_t ir = 0; ir < mc; ir += MR) {
+              const int mr = int(std::min<int64_t>(MR, mc - ir));
+              float* c = p.C + (ic + ir) * p.ldc + jc + s * NR;
+              if (mr == MR && nr == NR)
+                micro_kernel(kc, abuf + ir * kc, bs, c, p.ldc, p.alpha, beta);
+              else
+                micro_kernel_edge(kc, abuf + ir * kc, bs, c, p.ldc, mr, nr, p.alpha, beta);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---- small M, transB: C[m, n] = alpha * dot(A row m, B row n) + beta * C[m, n], vectors along K.
+// a: RM rows at stride lda; b: RN rows at stride ldb; out[i][j] receives the dot products.
+template <int RM, int RN, class TB>
+inline void dot_block(int64_t K, const float* a, int64_t lda, const TB* b, int64_t ldb, float (*out)[4]) {
+  vf acc[RM][RN];
+  for (int i = 0; i < RM; i++)
+    for (int j = 0; j < RN; j++) acc[i][j] = zero();
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    vf av[RM];
+    for (int i = 0; i < RM; i++) av[i] = load(a + i * lda + k);
+    for (int j = 0; j < RN; j++) {
+      const vf bv = loadw(b + j * ldb + k);
+      for (int i = 0; i < RM; i++) acc[i][j] = fmadd(av[i], bv, acc[i][j]);
+    }
+  }
+  if (k < K) {
+    const int r = int(K - k);
+    vf av[RM];
+    for (int i = 0; i < RM; i++) av[i] = load_partial(a + i * lda + k, r);
+    for (int j = 0; j < RN; j++) {
+      const vf bv = loadw_partial(b + j * ldb + k, r);
+      for (int i = 0; i < RM; i++) acc[i][j] = fmadd(av[i], bv, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < RM; i++)
+    for (int j = 0; j < RN; j++) out[i][j] = reduce_add(acc[i][j]);
+}
+
+template <int RM, class TB>
+inline void dot_rows(int64_t K, const float* a, int64_t lda, const TB* b, int64_t ldb, int rn, float (*out)[4]) {
+  switch (rn) {
+    case 4: dot_block<RM, 4>(K, a, lda, b, ldb, out); break;
+    case 3: dot_block<RM, 3>(K, a, lda, b, ldb, out); break;
+    case 2: dot_block<RM, 2>(K, a, lda, b, ldb, out); break;
+    default: dot_block<RM, 1>(K, a, lda, b, ldb, out); break;
+  }
+}
+
+template <class TB>
+void gemm_small_nt(const Problem<TB>& p) {
+  const int64_t M = p.M, N = p.N, K = p.K;
+  const float* A = p.A;
+  int64_t lda = p.lda;
+  std::vector<float> at;
+  if (p.transA) {  // A stored [K, M]: make the M rows contiguous first (M*K is small here)
+    at.resize(size_t(M * K));
+    for (int64_t k = 0; k < K; k++)
+      for (int64_t m = 0; m < M; m++) at[size_t(m * K + k)] = A[k * p.lda + m];
+    A = at.data();
+    lda = K;
+  }
+  const int nt = threads_for(2.0 * double(M) * double(N) * double(K));
+  const int64_t grain = nt > 1 ? std::max<int64_t>(4, ceil_div(N, 8 * nt)) : N;
+  parallel_for(ceil_div(N, 4), ceil_div(grain, 4), [&](int64_t g0, int64_t g1, int) {
+    for (int64_t n = g0 * 4; n < std::min(N, g1 * 4); n += 4) {
+      const int rn = int(std::min<int64_t>(4, N - n));
+      for (int64_t m = 0; m < M; m += 2) {
+        float out[2][4];
+        const int rm = int(std::min<int64_t>(2, M - m));
+        if (rm == 2)
+          dot_rows<2>(K, A + m * lda, lda, p.B + n * p.ldb, p.ldb, rn, out);
+        else
+          dot_rows<1>(K, A + m * lda, lda, p.B + n * p.ldb, p.ldb, rn, out);
+        for (int i = 0; i < rm; i++)
+          for (int j = 0; j < rn; j++) {
+            float& y = p.C[(m + i) * p.ldc + n + j];
+            y = p.beta == 0.f ? p.alpha * out[i][j] : p.alpha * out[i][j] + p.beta * y;
+          }
+      }
+    }
+  });
+}
+
+// ---- small M, no transB: C[m, n0:n0+RV*W] = alpha * sum_k opA[m, k] B[k, n0:...] + beta * C.
+// The last vector holds `last` valid columns (W when full). sam / sak: strides of op(A) along m, k.
+template <int RM, int RV, bool kPartial, class TB>
+inline void axpy_block(int64_t K, const float* a, int64_t sam, int64_t sak, const TB* b, int64_t ldb, float* c,
+                       int64_t ldc, int last, float alpha, float beta) {
+  vf acc[RM][RV];
+  for (int i = 0; i < RM; i++)
+    for (int v = 0; v < RV; v++) acc[i][v] = zero();
+  for (int64_t k = 0; k < K; k++) {
+    vf bv[RV];
+    for (int v = 0; v < RV; v++)
+      bv[v] = kPartial && v == RV - 1 ? loadw_partial(b + k * ldb + v * W, last) : loadw(b + k * ldb + v * W);
+    for (int i = 0; i < RM; i++) {
+      const vf ai = set1(a[i * sam + k * sak]);
+      for (int v = 0; v < RV; v++) acc[i][v] = fmadd(ai, bv[v], acc[i][v]);
+    }
+  }
+  const vf va = set1(alpha), vb = set1(beta);
+  for (int i = 0; i < RM; i++)
+    for (int v = 0; v < RV; v++) {
+      float* y = c + i * ldc + v * W;
+      if (kPartial && v == RV - 1) {
+        const vf r = beta == 0.f ? acc[i][v] * va : fmadd(acc[i][v], va, load_partial(y, last) * vb);
+        store_partial(y, r, last);
+      } else {
+        store(y, beta == 0.f ? acc[i][v] * va : fmadd(acc[i][v], va, load(y) * vb));
+      }
+    }
+}
+
+template <int RM, class TB>
+inline void axpy_rows(int64_t K, const float* a, int64_t sam, int64_t sak, const TB* b, int64_t ldb, float* c,
+                      int64_t ldc, int64_t ncols, float alpha, float beta) {
+  // ncols columns from b / c: groups of 3 vectors, then single (possibly partial) vectors.
+  int64_t j = 0;
+  for (; j + 3 * W <= ncols; j += 3 * W)
+    axpy_block<RM, 3, false>(K, a, sam, sak, b + j, ldb, c + j, ldc, W, alpha, beta);
+  for (; j + W <= ncols; j += W) axpy_block<RM, 1, false>(K, a, sam, sak, b + j, ldb, c + j, ldc, W, alpha, beta);
+  if (j < ncols)
+    axpy_block<RM, 1, true>(K, a, sam, sak, b + j, ldb, c + j, ldc, int(ncols - j), alpha, beta);
+}
+
+template <class TB>
+void gemm_small_nn(const Problem<TB>& p) {
+  const int64_t M = p.M, N = p.N, K = p.K;
+  const int64_t sam = p.transA ? 1 : p.lda, sak = p.transA ? p.lda : 1;
+  const int nt = threads_for(2.0 * double(M) * double(N) * double(K));
+  constexpr int64_t CH = 3 * W;  // columns per chunk
+  const int64_t chunks = ceil_div(N, CH);
+  const int64_t grain = nt > 1 ? std::max<int64_t>(1, ceil_div(chunks, 4 * nt)) : chunks;
+  parallel_for(chunks, grain, [&](int64_t c0, int64_t c1, int) {
+    const int64_t n0 = c0 * CH, n1 = std::min(N, c1 * CH);
+    for (int64_t m = 0; m < M; m += 4) {
+      const float* a = p.A + m * sam;
+      float* c = p.C + m * p.ldc + n0;
+      const TB* b = p.B + n0;
+      switch (std::min<int64_t>(4, M - m)) {
+        case 4: axpy_rows<4>(K, a, sam, sak, b, p.ldb, c, p.ldc, n1 - n0, p.alpha, p.beta); break;
+        case 3: axpy_rows<3>(K, a, sam, sak, b, p.ldb, c, p.ldc, n1 - n0, p.alpha, p.beta); break;
+        case 2: axpy_rows<2>(K, a, sam, sak, b, p.ldb, c, p.ldc, n1 - n0, p.alpha, p.beta); break;
+        default: axpy_rows<1>(K, a, sam, sak, b, p.ldb, c, p.ldc, n1 - n0, p.alpha, p.beta); break;
+      }
+    }
+  });
+}
+
+template <class TB>
+void gemm_any(const Problem<TB>& p) {
+  if (p.M <= kSmallM) {
+    if (p.transB)
+      gemm_small_nt(p);
+    else
+      gemm_small_nn(p);
+    return;
+  }
+  gemm_blocked(p);
+}
+
+}  // namespace
+
+void gemm_f32(const GemmParams& p) {
+  gemm_any(Problem<float>{p.M, p.N, p.K, p.transA, p.transB, p.A, p.lda, p.B, p.ldb, p.C, p.ldc, p.alpha, p.beta});
+}
+
+void gemm_bf16(const GemmBf16Params& p) {
+  gemm_any(Problem<bf16>{p.M, p.N, p.K, p.transA, p.transB, p.A, p.lda, p.B, p.ldb, p.C, p.ldc, p.alpha, p.beta});
+}
+
+}  // namespace BTS_ISA
+}  // namespace cpu
+}  // namespace bts
+
+#include "isa_end.h"
