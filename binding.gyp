@@ -4,7 +4,7 @@
 # Source lists are globbed so that a new op file needs no edit here.
 {
   "variables": {
-    "bts_cflags": ["-O3", "-std=c++17", "-fexceptions", "-fno-math-errno", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"],
+    "bts_cflags": ["-O3", "-std=c++17", "-fexceptions", "-fno-math-errno", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"],
     "bts_cpu_sources": ["<!@(node -p \"require('fs').readdirSync('native/cpu').filter(f=>f.endsWith('.cc')).map(f=>'native/cpu/'+f).join(' ')\")"]
   },
   "target_defaults": {

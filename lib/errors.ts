@@ -98,3 +98,21 @@ export function fromNative(e: unknown): unknown {
   }
   return e;
 }
+
+/** A file (safetensors, config.json, tokenizer.json, ...) is malformed; the message names the file and the fault. */
+export class FormatError extends BtsError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('E_FORMAT', message, options);
+  }
+}
+
+/** A file is well formed but uses a feature this package does not implement (e.g. a Unigram tokenizer, attention_bias). */
+export class UnsupportedFeatureError extends BtsError {
+  constructor(message: string) {
+    super('E_UNSUPPORTED', message);
+  }
+}
+
+// Registered here rather than in the literal above: the classes are declared after it (TDZ).
+byCode.E_FORMAT = FormatError;
+byCode.E_UNSUPPORTED = UnsupportedFeatureError;

@@ -24,7 +24,7 @@ namespace {
 
 inline vf vsqrt(vf a) {
 #if BTS_ISA_LEVEL == 3
-  return {_mm512_sqrt_ps(a.v)};
+  return {_mm512_maskz_sqrt_ps(__mmask16(0xFFFF), a.v)};  // (maskz: GCC 12 false-warns on _mm512_sqrt_ps)
 #elif BTS_ISA_LEVEL == 2
   return {_mm256_sqrt_ps(a.v)};
 #else

@@ -37,12 +37,19 @@
 #include <cstdlib>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "bts/cpu.h"
 #include "bts/ops.h"
 #include "bts/threadpool.h"
 #include "isa_begin.h"
+
+#if BTS_ISA_LEVEL == 3 && defined(__GNUC__) && !defined(__clang__)
+// GCC 12 flags the _mm512_undefined_* inside its own _mm512_cvtepu16_epi32 (used by load_bf16) as
+// "maybe uninitialized": a false positive in the intrinsic header, silenced for this file only.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 namespace bts {
 namespace cpu {
@@ -62,6 +69,12 @@ constexpr int MR = 4, NV = 4;
 constexpr int64_t MC = 64, KC = 256, NC = 1024;
 #endif
 constexpr int NR = NV * W;
+// TUNING (temporary)
+int64_t env_i(const char* n, int64_t d) { const char* s = std::getenv(n); return s ? std::atoll(s) : d; }
+const int64_t MC_ = env_i("G_MC", MC), KC_ = env_i("G_KC", KC), NC_ = env_i("G_NC", NC);
+#define MC MC_
+#define KC KC_
+#define NC NC_
 constexpr int64_t kSmallM = 16;  // M up to this uses the unpacked paths
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -120,24 +133,74 @@ struct SpinBarrier {
   }
 };
 
+// ---- bf16 pair dot products (the AVX512_BF16 path): acc[j] += a.lo * b[j].lo + a.hi * b[j].hi, where
+// a is one (k, k+1) pair of bf16 in a uint32 (lo = k) and b holds W such pairs. Emulated exactly in
+// fp32 below level 3 (used there only when forced by BTS_GEMM_BF16DOT=1, so tests can run the logic).
+inline uint32_t bf16_pair(bf16 lo, bf16 hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
+#if BTS_ISA_LEVEL == 3
+inline vf dot2(vf acc, uint32_t a, const uint32_t* b) {
+  return {_mm512_dpbf16_ps(acc.v, (__m512bh)_mm512_set1_epi32(int(a)), (__m512bh)_mm512_loadu_si512(b))};
+}
+inline bool bf16_dot_native() { return cpu_features().avx512bf16; }
+#elif BTS_ISA_LEVEL == 2
+inline vf dot2(vf acc, uint32_t a, const uint32_t* b) {
+  const __m256i bv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
+  const vf blo = {_mm256_castsi256_ps(_mm256_slli_epi32(bv, 16))};
+  const vf bhi = {_mm256_castsi256_ps(_mm256_and_si256(bv, _mm256_set1_epi32(int(0xffff0000u))))};
+  return fmadd(set1(bf16_to_f32(bf16(a >> 16))), bhi, fmadd(set1(bf16_to_f32(bf16(a & 0xffff))), blo, acc));
+}
+inline bool bf16_dot_native() { return false; }
+#else
+inline vf dot2(vf acc, uint32_t a, const uint32_t* b) {
+  return fmadd(set1(bf16_to_f32(bf16(a >> 16))), set1(bf16_to_f32(bf16(*b >> 16))),
+               fmadd(set1(bf16_to_f32(bf16(a & 0xffff))), set1(bf16_to_f32(bf16(*b & 0xffff))), acc));
+}
+inline bool bf16_dot_native() { return false; }
+#endif
+
+// Whether gemm_bf16 takes the bf16-pair path: on AVX512_BF16 CPUs at level avx512, unless
+// BTS_GEMM_BF16DOT=0; at any level when BTS_GEMM_BF16DOT=1 (a test hook; emulated, slow).
+bool use_bf16_dot() {
+  const char* e = std::getenv("BTS_GEMM_BF16DOT");
+  if (e && e[0] == '1') return true;
+  if (e && e[0] == '0') return false;
+  return bf16_dot_native();
+}
+
 // ---- the microkernel: c[MR x NR] (row stride ldc) = alpha * sum_k a[k, :]^T b[k, :] + beta * c.
-// a: packed A sliver [kc, MR]; b: packed B sliver [kc, NR]. beta == 0: c is not read.
-inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* c, int64_t ldc,
+// a: packed A sliver [kd, MR]; b: packed B sliver [kd, NR]; beta == 0: c is not read. DP: the
+// slivers hold bf16 (k, k+1) pairs as uint32 and kd = ceil(kc / 2) (pack_a_dp / pack_b_dp).
+template <bool DP>
+inline void micro_kernel(int64_t kd, const float* __restrict a, const float* __restrict b, float* c, int64_t ldc,
                          float alpha, float beta) {
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; i++) {  // the C tile is needed at the end: start fetching it now
+    __builtin_prefetch(c + i * ldc, 1);
+    __builtin_prefetch(c + i * ldc + NR - 1, 1);
+  }
   vf acc[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; i++)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; v++) acc[i][v] = zero();
-  for (int64_t k = 0; k < kc; k++) {
-    vf bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) bv[v] = load(b + v * W);
+  for (int64_t k = 0; k < kd; k++) {
+    if constexpr (DP) {
+      const uint32_t* a32 = reinterpret_cast<const uint32_t*>(a);
+      const uint32_t* b32 = reinterpret_cast<const uint32_t*>(b);
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; i++) {
-      const vf ai = set1(a[i]);
+      for (int i = 0; i < MR; i++)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; v++) acc[i][v] = fmadd(ai, bv[v], acc[i][v]);
+        for (int v = 0; v < NV; v++) acc[i][v] = dot2(acc[i][v], a32[i], b32 + v * W);
+    } else {
+      vf bv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; v++) bv[v] = load(b + v * W);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; i++) {
+        const vf ai = set1(a[i]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) acc[i][v] = fmadd(ai, bv[v], acc[i][v]);
+      }
     }
     a += MR;
     b += NR;
@@ -164,10 +227,11 @@ inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __r
 }
 
 // C tile of mr x nr (< MR x NR somewhere): full tile computed into a buffer, valid part merged.
-inline void micro_kernel_edge(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int mr, int nr,
+template <bool DP>
+inline void micro_kernel_edge(int64_t kd, const float* a, const float* b, float* c, int64_t ldc, int mr, int nr,
                               float alpha, float beta) {
   alignas(64) float tmp[MR * NR];
-  micro_kernel(kc, a, b, tmp, NR, 1.f, 0.f);
+  micro_kernel<DP>(kd, a, b, tmp, NR, 1.f, 0.f);
   for (int i = 0; i < mr; i++)
     for (int j = 0; j < nr; j++) {
       float& y = c[i * ldc + j];
@@ -176,28 +240,85 @@ inline void micro_kernel_edge(int64_t kc, const float* a, const float* b, float*
 }
 
 // ---- packing.
+#if BTS_ISA_LEVEL == 2
+// In-register transpose of 8 rows of 8 floats: r[j] receives column j.
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+#endif
+constexpr int64_t kPackSlack = 16;  // floats past a packed A block that the avx2 packers may scribble on
+
 // A block: rows [i0, i0+mc) x k [k0, k0+kc) of op(A) into slivers [kc, MR], zero-padded rows.
+// The avx2 fast paths move 8 floats per k step of MR = 6; see each for where the 2 extra go.
 void pack_a(const float* A, int64_t lda, bool transA, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* dst) {
-  for (int64_t ir = 0; ir < mc; ir += MR) {
+  int64_t ir0 = 0;  // slivers before ir0 are done by a fast path
+#if BTS_ISA_LEVEL == 2
+  static_assert(MR == 6, "the avx2 packers assume MR = 6");
+  const int64_t full = mc / MR * MR;
+  if (transA && full > 0) {
+    // op(A)[i, k] = A[k, i]: row k of A holds MR contiguous floats of every sliver. k outer, so A is
+    // read row by row (a k-inner walk down a column of a large-lda A thrashes the L1 sets). The
+    // 8-float loads read at most 2 floats past column i0 + full <= M, still inside the next row of A:
+    // only the last k (possibly the last row of A) uses masked loads. The 2 extra floats stored land
+    // in the slot of k + 1, written next.
+    const __m256i m6 = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+    for (int64_t k = 0; k < kc; k++) {
+      const float* s = A + (k0 + k) * lda + i0;
+      if (k + 1 < kc) {
+        for (int64_t ir = 0; ir < full; ir += MR) _mm256_storeu_ps(dst + ir * kc + k * MR, _mm256_loadu_ps(s + ir));
+      } else {  // last k of each sliver: do not spill into the next sliver (already written)
+        for (int64_t ir = 0; ir < full; ir += MR)
+          _mm256_maskstore_ps(dst + ir * kc + k * MR, m6, _mm256_maskload_ps(s + ir, m6));
+      }
+    }
+    ir0 = full;
+  } else if (!transA && full > 0) {
+    // op(A)[i, k] = A[i, k]: 8 k at a time, 6 rows (+2 zero rows) transposed in registers; each of the
+    // 8 stores writes 2 extra floats that the next store (or the tail below, or the next sliver, or
+    // the kPackSlack floats after the block) overwrites.
+    for (int64_t ir = 0; ir < full; ir += MR) {
+      const float* s = A + (i0 + ir) * lda + k0;
+      float* d = dst + ir * kc;
+      int64_t k = 0;
+      for (; k + 8 <= kc; k += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 6; i++) r[i] = _mm256_loadu_ps(s + i * lda + k);
+        r[6] = r[7] = _mm256_setzero_ps();
+        transpose8(r);
+        for (int j = 0; j < 8; j++) _mm256_storeu_ps(d + (k + j) * MR, r[j]);
+      }
+      for (; k < kc; k++)
+        for (int i = 0; i < MR; i++) d[k * MR + i] = s[i * lda + k];
+    }
+    ir0 = full;
+  }
+#endif
+  for (int64_t ir = ir0; ir < mc; ir += MR) {
     const int mr = int(std::min<int64_t>(MR, mc - ir));
     float* d = dst + ir * kc;  // sliver ir / MR: [kc, MR]
-    if (transA) {  // op(A)[i, k] = A[k, i]: MR contiguous floats per k
+    if (transA) {
       const float* s = A + k0 * lda + i0 + ir;
-      if (mr == MR) {
-        for (int64_t k = 0; k < kc; k++)
-          for (int i = 0; i < MR; i++) d[k * MR + i] = s[k * lda + i];
-      } else {
-        for (int64_t k = 0; k < kc; k++)
-          for (int i = 0; i < MR; i++) d[k * MR + i] = i < mr ? s[k * lda + i] : 0.f;
-      }
-    } else {  // op(A)[i, k] = A[i, k]: rows contiguous along k, written with stride MR
+      for (int64_t k = 0; k < kc; k++)
+        for (int i = 0; i < MR; i++) d[k * MR + i] = i < mr ? s[k * lda + i] : 0.f;
+    } else {  // rows contiguous along k, written with stride MR
       for (int i = 0; i < MR; i++) {
-        if (i < mr) {
-          const float* s = A + (i0 + ir + i) * lda + k0;
-          for (int64_t k = 0; k < kc; k++) d[k * MR + i] = s[k];
-        } else {
-          for (int64_t k = 0; k < kc; k++) d[k * MR + i] = 0.f;
-        }
+        const float* s = A + (i0 + ir + i) * lda + k0;
+        for (int64_t k = 0; k < kc; k++) d[k * MR + i] = i < mr ? s[k] : 0.f;
       }
     }
   }
@@ -235,6 +356,39 @@ void pack_b(const TB* B, int64_t ldb, bool transB, int64_t k0, int64_t kc, int64
   }
 }
 
+// bf16-pair packing (DP path): the same sliver layout with kd = ceil(kc / 2) rows of uint32 pairs
+// (lo = k even, hi = k + 1; zero past kc). A is rounded to bf16 here (round-to-nearest-even).
+void pack_a_dp(const float* A, int64_t lda, int64_t i0, int64_t mc, int64_t k0, int64_t kc, float* dst) {
+  const int64_t kd = ceil_div(kc, 2);
+  for (int64_t ir = 0; ir < mc; ir += MR) {
+    const int mr = int(std::min<int64_t>(MR, mc - ir));
+    uint32_t* d = reinterpret_cast<uint32_t*>(dst + ir * kd);  // [kd, MR]
+    for (int i = 0; i < MR; i++) {
+      const float* s = A + (i0 + ir + i) * lda + k0;
+      for (int64_t q = 0; q < kd; q++) {
+        const int64_t k = 2 * q;
+        d[q * MR + i] = i >= mr ? 0u : bf16_pair(f32_to_bf16(s[k]), k + 1 < kc ? f32_to_bf16(s[k + 1]) : bf16(0));
+      }
+    }
+  }
+}
+
+void pack_b_dp(const bf16* B, int64_t ldb, bool transB, int64_t k0, int64_t kc, int64_t j0, int64_t nc, int64_t s0,
+               int64_t s1, float* dst) {
+  const int64_t kd = ceil_div(kc, 2);
+  for (int64_t s = s0; s < s1; s++) {
+    const int nr = int(std::min<int64_t>(NR, nc - s * NR));
+    uint32_t* d = reinterpret_cast<uint32_t*>(dst + s * kd * NR);  // [kd, NR]
+    const int64_t j = j0 + s * NR;
+    auto at = [&](int64_t k, int jj) -> bf16 {  // op(B)[k0 + k, j + jj], 0 outside
+      if (k >= kc || jj >= nr) return 0;
+      return transB ? B[(j + jj) * ldb + k0 + k] : B[(k0 + k) * ldb + j + jj];
+    };
+    for (int64_t q = 0; q < kd; q++)
+      for (int jj = 0; jj < NR; jj++) d[q * NR + jj] = bf16_pair(at(2 * q + 1, jj), at(2 * q, jj));
+  }
+}
+
 // The operands of one call, B of type TB.
 template <class TB>
 struct Problem {
@@ -257,7 +411,7 @@ int threads_for(double flops) {
 }
 
 // ---- the blocked path (any M, N, K).
-template <class TB>
+template <class TB, bool DP>
 void gemm_blocked(const Problem<TB>& p) {
   const int64_t M = p.M, N = p.N, K = p.K;
   const int64_t nc_max = std::min(NC, ceil_div(N, NR) * NR);
@@ -277,7 +431,7 @@ void gemm_blocked(const Problem<TB>& p) {
   parallel_run([&](int t, int nthr) {
     const int nt = std::min(nthr, want);
     if (t >= nt) return;
-    float* abuf = tl_ablock.get(size_t(ceil_div(std::min(MC, M), MR) * MR * kc_max));  // [MC, KC] slivers
+    float* abuf = tl_ablock.get(size_t(ceil_div(std::min(MC, M), MR) * MR * kc_max + kPackSlack));  // [MC, KC] slivers
     int64_t step = 0;
     for (int64_t jc = 0; jc < N; jc += NC) {
       const int64_t nc = std::min(NC, N - jc);
@@ -285,7 +439,11 @@ void gemm_blocked(const Problem<TB>& p) {
       for (int64_t pc = 0; pc < K; pc += KC, step++) {
         const int64_t kc = std::min(KC, K - pc);
         float* bp = bbuf + (step & 1) * panel;
-        pack_b(p.B, p.ldb, p.transB, pc, kc, jc, nc, ns * t / nt, ns * (t + 1) / nt, bp);
+        const int64_t kd = DP ? ceil_div(kc, 2) : kc;  // packed depth
+        if constexpr (DP)
+          pack_b_dp(p.B, p.ldb, p.transB, pc, kc, jc, nc, ns * t / nt, ns * (t + 1) / nt, bp);
+        else
+          pack_b(p.B, p.ldb, p.transB, pc, kc, jc, nc, ns * t / nt, ns * (t + 1) / nt, bp);
         barrier.wait(nt);
         const float beta = pc == 0 ? p.beta : 1.f;
         const int64_t per_part = ceil_div(ns, parts);
@@ -296,20 +454,23 @@ void gemm_blocked(const Problem<TB>& p) {
           const int64_t ib = u / parts, part = u % parts;
           const int64_t ic = ib * MC, mc = std::min(MC, M - ic);
           if (ib != packed_ic) {
-            pack_a(p.A, p.lda, p.transA, ic, mc, pc, kc, abuf);
+            if constexpr (DP)
+              pack_a_dp(p.A, p.lda, ic, mc, pc, kc, abuf);
+            else
+              pack_a(p.A, p.lda, p.transA, ic, mc, pc, kc, abuf);
             packed_ic = ib;
           }
           const int64_t sa = part * per_part, sb = std::min(ns, sa + per_part);
           for (int64_t s = sa; s < sb; s++) {
             const int nr = int(std::min<int64_t>(NR, nc - s * NR));
-            const float* bs = bp + s * kc * NR;
+            const float* bs = bp + s * kd * NR;
             for (int64_t ir = 0; ir < mc; ir += MR) {
               const int mr = int(std::min<int64_t>(MR, mc - ir));
               float* c = p.C + (ic + ir) * p.ldc + jc + s * NR;
               if (mr == MR && nr == NR)
-                micro_kernel(kc, abuf + ir * kc, bs, c, p.ldc, p.alpha, beta);
+                micro_kernel<DP>(kd, abuf + ir * kd, bs, c, p.ldc, p.alpha, beta);
               else
-                micro_kernel_edge(kc, abuf + ir * kc, bs, c, p.ldc, mr, nr, p.alpha, beta);
+                micro_kernel_edge<DP>(kd, abuf + ir * kd, bs, c, p.ldc, mr, nr, p.alpha, beta);
             }
           }
         }
@@ -459,7 +620,7 @@ void gemm_small_nn(const Problem<TB>& p) {
 }
 
 template <class TB>
-void gemm_any(const Problem<TB>& p) {
+void gemm_any(const Problem<TB>& p, bool dp) {
   if (p.M <= kSmallM) {
     if (p.transB)
       gemm_small_nt(p);
@@ -467,17 +628,21 @@ void gemm_any(const Problem<TB>& p) {
       gemm_small_nn(p);
     return;
   }
-  gemm_blocked(p);
+  if constexpr (std::is_same_v<TB, bf16>) {
+    if (dp) return gemm_blocked<TB, true>(p);  // (transA is rejected for bf16 by the entry)
+  }
+  gemm_blocked<TB, false>(p);
 }
 
 }  // namespace
 
 void gemm_f32(const GemmParams& p) {
-  gemm_any(Problem<float>{p.M, p.N, p.K, p.transA, p.transB, p.A, p.lda, p.B, p.ldb, p.C, p.ldc, p.alpha, p.beta});
+  gemm_any(Problem<float>{p.M, p.N, p.K, p.transA, p.transB, p.A, p.lda, p.B, p.ldb, p.C, p.ldc, p.alpha, p.beta}, false);
 }
 
 void gemm_bf16(const GemmBf16Params& p) {
-  gemm_any(Problem<bf16>{p.M, p.N, p.K, p.transA, p.transB, p.A, p.lda, p.B, p.ldb, p.C, p.ldc, p.alpha, p.beta});
+  gemm_any(Problem<bf16>{p.M, p.N, p.K, p.transA, p.transB, p.A, p.lda, p.B, p.ldb, p.C, p.ldc, p.alpha, p.beta},
+           use_bf16_dot());
 }
 
 }  // namespace BTS_ISA

@@ -28,7 +28,7 @@ using namespace simd;
 
 void rope_table(const RopeTableParams& p) {
   const int64_t half = p.Dh / 2;
-  std::vector<float> inv(size_t(half));  // [Dh/2]
+  std::vector<float> inv(static_cast<size_t>(half));  // [Dh/2]
   reference::rope_inv_freq_f32(p, inv.data());
   parallel_for(p.P, std::max<int64_t>(1, 256 / half), [&](int64_t p0, int64_t p1, int) {
     for (int64_t pos = p0; pos < p1; pos++) {
@@ -49,7 +49,7 @@ void rope_forward(const RopeParams& p) {
   const int64_t ldo = p.ld_out ? p.ld_out : nh * Dh;
   const float sign = p.inverse ? -1.f : 1.f;
   parallel_for(p.N, std::max<int64_t>(1, 8192 / (nh * Dh)), [&](int64_t n0, int64_t n1, int) {
-    std::vector<float> buf(size_t(2 * half));  // cos [Dh/2] then +-sin [Dh/2]
+    std::vector<float> buf(static_cast<size_t>(2 * half));  // cos [Dh/2] then +-sin [Dh/2]
     float* cs = buf.data();
     float* sn = buf.data() + half;
     int32_t last = -1;

@@ -156,6 +156,8 @@ inline vf exp(vf x) {
 }
 #endif
 
+// 1 / (1 + e^-x). exp() clamps its argument, so e^-x saturates near 1.7e38 for x < -88.7 and
+// sigmoid bottoms out near 6e-39 instead of 0: callers computing x * sigmoid(x) must clamp x.
 inline vf sigmoid(vf x) { return set1(1.f) / (set1(1.f) + exp(set1(0.f) - x)); }
 
 }  // namespace simd

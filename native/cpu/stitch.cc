@@ -2,17 +2,18 @@
 //
 // "Fused": the gate g (softmax over the M = n+1 models for E->H, sigmoid for H->E) is never written
 // to memory; the forward computes it in registers and the backward recomputes it from the logits G.
-// The kernels vectorise over the width D, W dims at a time. The logits of one token are laid out
-// [D, M] (model fastest), so the W logits of model m for dims d..d+W-1 sit at stride M: they are
-// gathered (AVX2 / AVX-512 gather instructions; the scalar level reads one float) and dG is written
-// back the same way (AVX-512 scatter, otherwise one scalar store per lane; those W*M stores land in
-// one contiguous, cache-resident W*M block). Per W-chunk the M gathered logit vectors (then their
-// exponentials) go to a small per-thread buffer [M, W], so any n works without re-gathering.
-// Threads split the tokens. Everything is memory-bound; bytes moved per (token, dim): E->H forward
-// 4(2n+3), backward 4(4n+5); H->E forward 4(4n+1), backward 4(7n+2).
+// The logits of one token are laid out [D, M] (model fastest), so the logits of one model sit at
+// stride M. The kernels work on blocks of kB (token, dim) elements: the block's logits are first
+// copied to a per-thread [M, kB] buffer (scalar deinterleave, unrolled for M <= 6), then every
+// vector step reads them contiguously; the backward writes dG to a second [M, kB] buffer and
+// interleaves it back. Gathers were tried first and were ~4x slower than this on Zen 3 (AVX2).
+// The mix is element-wise in (token, dim), so the kernels run over the flat N*D range in blocks,
+// split over the threads (deterministic: no reductions across elements). Memory-bound; bytes moved
+// per (token, dim): E->H forward 4(2n+3), backward 4(4n+5); H->E forward 4(4n+1), backward 4(7n+2).
 // Outputs may alias the input they replace (out with h0 / h, dh0 with dout, dh with dout): every
-// chunk reads all its inputs before it writes.
+// vector step reads all its inputs before it writes.
 // Legend: N tokens, D width, n experts, M = n + 1 models.
+#include <algorithm>
 #include <vector>
 
 #include "bts/ops.h"
@@ -26,46 +27,44 @@ using namespace simd;
 
 namespace {
 
-// W floats base[j * stride], j < W (k < W: only the first k lanes are read, the others are 0).
-struct Strided {
-  int64_t stride;
-#if BTS_ISA_LEVEL == 3
-  __m512i idx;
-  explicit Strided(int64_t s) : stride(s) {
-    idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(int(s)));
-  }
-#elif BTS_ISA_LEVEL == 2
-  __m256i idx;
-  explicit Strided(int64_t s) : stride(s) {
-    idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int(s)));
-  }
-#else
-  explicit Strided(int64_t s) : stride(s) {}
-#endif
+// Blocks of kB (token, dim) elements; a multiple of every W. The logits of a block are moved between
+// their [kB, M] layout in G and a [M, kB] per-thread buffer by plain scalar copies (no gathers: an
+// AVX2 vgatherdps of 8 floats costs ~50 cycles on Zen 3 here, several times the whole mix), with M
+// a compile-time constant for M <= 6 so the copy loops unroll (and GCC vectorises them with shuffles).
+constexpr int64_t kB = 128;
 
-  vf gather(const float* base, int k) const {
-#if BTS_ISA_LEVEL == 3
-    if (k == W) return {_mm512_i32gather_ps(idx, base, 4)};
-#elif BTS_ISA_LEVEL == 2
-    if (k == W) return {_mm256_i32gather_ps(base, idx, 4)};
-#endif
-    float tmp[W];
-    for (int j = 0; j < W; j++) tmp[j] = j < k ? base[j * stride] : 0.f;
-    return load(tmp);
+template <int MM>
+void deinterleave_t(const float* src /* [cnt, M] */, int64_t cnt, int64_t M_, float* dst /* [M, kB] */) {
+  const int64_t M = MM > 0 ? MM : M_;
+  for (int64_t e = 0; e < cnt; e++)
+    for (int64_t m = 0; m < M; m++) dst[m * kB + e] = src[e * M + m];
+}
+template <int MM>
+void interleave_t(const float* src /* [M, kB] */, int64_t cnt, int64_t M_, float* dst /* [cnt, M] */) {
+  const int64_t M = MM > 0 ? MM : M_;
+  for (int64_t e = 0; e < cnt; e++)
+    for (int64_t m = 0; m < M; m++) dst[e * M + m] = src[m * kB + e];
+}
+void deinterleave(const float* src, int64_t cnt, int64_t M, float* dst) {
+  switch (M) {
+    case 2: return deinterleave_t<2>(src, cnt, M, dst);
+    case 3: return deinterleave_t<3>(src, cnt, M, dst);
+    case 4: return deinterleave_t<4>(src, cnt, M, dst);
+    case 5: return deinterleave_t<5>(src, cnt, M, dst);
+    case 6: return deinterleave_t<6>(src, cnt, M, dst);
+    default: return deinterleave_t<0>(src, cnt, M, dst);
   }
-
-  void scatter(float* base, vf v, int k) const {
-#if BTS_ISA_LEVEL == 3
-    if (k == W) {
-      _mm512_i32scatter_ps(base, idx, v.v, 4);
-      return;
-    }
-#endif
-    float tmp[W];
-    store(tmp, v);
-    for (int j = 0; j < k; j++) base[j * stride] = tmp[j];
+}
+void interleave(const float* src, int64_t cnt, int64_t M, float* dst) {
+  switch (M) {
+    case 2: return interleave_t<2>(src, cnt, M, dst);
+    case 3: return interleave_t<3>(src, cnt, M, dst);
+    case 4: return interleave_t<4>(src, cnt, M, dst);
+    case 5: return interleave_t<5>(src, cnt, M, dst);
+    case 6: return interleave_t<6>(src, cnt, M, dst);
+    default: return interleave_t<0>(src, cnt, M, dst);
   }
-};
+}
 
 inline vf ld(const float* p, int k) { return k == W ? load(p) : load_partial(p, k); }
 inline void st(float* p, vf v, int k) {
@@ -75,130 +74,135 @@ inline void st(float* p, vf v, int k) {
     store_partial(p, v, k);
 }
 
-// Softmax weights of the M models for dims d..d+k-1 of one token: e[m*W ..] = exp(G_m - max), returns
-// 1 / sum_m e_m. G points at the token's logits at dim d ([k, M]).
-inline vf softmax_chunk(const float* G, const Strided& S, int64_t M, int k, float* e /* [M, W] */) {
-  vf mx = S.gather(G, k);
-  store(e, mx);
-  for (int64_t m = 1; m < M; m++) {
-    const vf x = S.gather(G + m, k);
-    store(e + m * W, x);
-    mx = max(mx, x);
-  }
-  vf sum = zero();
-  for (int64_t m = 0; m < M; m++) {
-    const vf x = exp(load(e + m * W) - mx);
-    store(e + m * W, x);
-    sum += x;
-  }
-  return set1(1.f) / sum;
+// g = sigmoid(z) and 1 - g, both accurate in their tails: with e = exp(-z), g = 1/(1+e), 1-g = e g
+// (1 - g by subtraction would lose all digits when g is near 1, and dG needs g (1-g)).
+inline void sigmoid_pair(vf z, vf& g, vf& omg) {
+  const vf e = exp(zero() - z);
+  g = set1(1.f) / (set1(1.f) + e);
+  omg = e * g;
 }
 
-int64_t grain_for(int64_t D, int64_t M) { return std::max<int64_t>(1, 16384 / (D * (M + 1))); }
+// Runs body(e0, cnt, zt, dzt) for the blocks [e0, e0 + cnt) of [0, ND), split over the threads; zt and
+// dzt are the thread's [M, kB] buffers (zero-filled once, so lanes past cnt hold finite values).
+// The mix is element-wise over the (token, dim) pairs: element e = t*D + d has its logits at
+// G[e*M .. e*M + M) and its expert rows at e + i*N*D, so the flat range is all that matters.
+template <typename F>
+void for_blocks(int64_t ND, int64_t M, bool need_dz, F&& body) {
+  const int64_t blocks = (ND + kB - 1) / kB;
+  // ~32K floats of traffic per thread at least, so tiny calls stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, 32768 / (kB * (2 * M + 2)));
+  parallel_for(blocks, grain, [&](int64_t b0, int64_t b1, int) {
+    std::vector<float> buf(static_cast<size_t>((need_dz ? 2 : 1) * M * kB), 0.f);
+    float* zt = buf.data();
+    float* dzt = need_dz ? buf.data() + M * kB : nullptr;
+    for (int64_t b = b0; b < b1; b++) {
+      const int64_t e0 = b * kB;
+      body(e0, std::min(kB, ND - e0), zt, dzt);
+    }
+  });
+}
 
 }  // namespace
 
 void stitch_eh_forward(const StitchEHParams& p) {
-  const int64_t N = p.N, D = p.D, n = p.n, M = n + 1, ND = N * D;
-  const Strided S(M);
-  parallel_for(N, grain_for(D, M), [&](int64_t t0, int64_t t1, int) {
-    std::vector<float> ebuf(size_t(M * W));  // [M, W]
-    float* e = ebuf.data();
-    for (int64_t t = t0; t < t1; t++) {
-      const float* Gt = p.G + t * D * M;  // [D, M]
-      for (int64_t d = 0; d < D; d += W) {
-        const int k = int(std::min<int64_t>(W, D - d));
-        const vf inv = softmax_chunk(Gt + d * M, S, M, k, e);
-        const int64_t o = t * D + d;
-        vf acc = load(e) * ld(p.h0 + o, k);
-        for (int64_t i = 1; i <= n; i++) acc = fmadd(load(e + i * W), ld(p.p + (i - 1) * ND + o, k), acc);
-        st(p.out + o, acc * inv, k);
+  const int64_t n = p.n, M = n + 1, ND = p.N * p.D;
+  for_blocks(ND, M, false, [&](int64_t e0, int64_t cnt, float* zt, float*) {
+    deinterleave(p.G + e0 * M, cnt, M, zt);
+    for (int64_t j = 0; j < cnt; j += W) {
+      const int k = int(std::min<int64_t>(W, cnt - j));
+      const int64_t o = e0 + j;
+      vf mx = load(zt + j);
+      for (int64_t m = 1; m < M; m++) mx = max(mx, load(zt + m * kB + j));
+      vf e = exp(load(zt + j) - mx);
+      vf sum = e;
+      vf acc = e * ld(p.h0 + o, k);
+      for (int64_t i = 1; i <= n; i++) {
+        e = exp(load(zt + i * kB + j) - mx);
+        sum += e;
+        acc = fmadd(e, ld(p.p + (i - 1) * ND + o, k), acc);
       }
+      st(p.out + o, acc / sum, k);
     }
   });
 }
 
 void stitch_eh_backward(const StitchEHBackwardParams& p) {
-  const int64_t N = p.N, D = p.D, n = p.n, M = n + 1, ND = N * D;
-  const Strided S(M);
-  parallel_for(N, grain_for(D, M), [&](int64_t t0, int64_t t1, int) {
-    std::vector<float> ebuf(size_t(M * W));  // [M, W]: exp, then g
-    float* e = ebuf.data();
-    for (int64_t t = t0; t < t1; t++) {
-      const float* Gt = p.G + t * D * M;  // [D, M]
-      float* dGt = p.dG + t * D * M;      // [D, M]
-      for (int64_t d = 0; d < D; d += W) {
-        const int k = int(std::min<int64_t>(W, D - d));
-        const vf inv = softmax_chunk(Gt + d * M, S, M, k, e);
-        const int64_t o = t * D + d;
-        const vf dout = ld(p.dout + o, k);
-        // g_m and the mix sum_m g_m x_m
-        vf g0 = load(e) * inv;
-        const vf h0 = ld(p.h0 + o, k);
-        vf mix = g0 * h0;
-        store(e, g0);
-        for (int64_t i = 1; i <= n; i++) {
-          const vf g = load(e + i * W) * inv;
-          store(e + i * W, g);
-          mix = fmadd(g, ld(p.p + (i - 1) * ND + o, k), mix);
-        }
-        // dG_m = g_m dout (x_m - mix); dx_m = g_m dout
-        vf gd = g0 * dout;
-        st(p.dh0 + o, gd, k);
-        S.scatter(dGt + d * M, gd * (h0 - mix), k);
-        for (int64_t i = 1; i <= n; i++) {
-          const float* pi = p.p + (i - 1) * ND + o;
-          gd = load(e + i * W) * dout;
-          const vf x = ld(pi, k);
-          st(p.dp + (i - 1) * ND + o, gd, k);
-          S.scatter(dGt + d * M + i, gd * (x - mix), k);
-        }
+  const int64_t n = p.n, M = n + 1, ND = p.N * p.D;
+  for_blocks(ND, M, true, [&](int64_t e0, int64_t cnt, float* zt, float* dzt) {
+    deinterleave(p.G + e0 * M, cnt, M, zt);
+    for (int64_t j = 0; j < cnt; j += W) {
+      const int k = int(std::min<int64_t>(W, cnt - j));
+      const int64_t o = e0 + j;
+      // softmax weights g_m (kept in zt) and the mix sum_m g_m x_m
+      vf mx = load(zt + j);
+      for (int64_t m = 1; m < M; m++) mx = max(mx, load(zt + m * kB + j));
+      vf sum = zero();
+      for (int64_t m = 0; m < M; m++) {
+        const vf e = exp(load(zt + m * kB + j) - mx);
+        store(zt + m * kB + j, e);
+        sum += e;
+      }
+      const vf inv = set1(1.f) / sum;
+      const vf dout = ld(p.dout + o, k);
+      const vf h0 = ld(p.h0 + o, k);
+      const vf g0 = load(zt + j) * inv;
+      vf mix = g0 * h0;
+      for (int64_t i = 1; i <= n; i++) mix = fmadd(load(zt + i * kB + j) * inv, ld(p.p + (i - 1) * ND + o, k), mix);
+      // dx_m = g_m dout; dG_m = g_m dout (x_m - mix)
+      vf gd = g0 * dout;
+      st(p.dh0 + o, gd, k);
+      store(dzt + j, gd * (h0 - mix));
+      for (int64_t i = 1; i <= n; i++) {
+        gd = load(zt + i * kB + j) * inv * dout;
+        const vf x = ld(p.p + (i - 1) * ND + o, k);
+        st(p.dp + (i - 1) * ND + o, gd, k);
+        store(dzt + i * kB + j, gd * (x - mix));
       }
     }
+    interleave(dzt, cnt, M, p.dG + e0 * M);
   });
 }
 
 void stitch_he_forward(const StitchHEParams& p) {
-  const int64_t N = p.N, D = p.D, n = p.n, M = n + 1, ND = N * D;
-  const Strided S(M);
-  parallel_for(N, grain_for(D, M), [&](int64_t t0, int64_t t1, int) {
-    for (int64_t t = t0; t < t1; t++) {
-      const float* Gt = p.G + t * D * M;  // [D, M]
-      for (int64_t d = 0; d < D; d += W) {
-        const int k = int(std::min<int64_t>(W, D - d));
-        for (int64_t i = 1; i <= n; i++) {
-          const int64_t o = (i - 1) * ND + t * D + d;
-          const vf g = sigmoid(S.gather(Gt + d * M + i, k));
-          const vf h = ld(p.h + o, k);
-          st(p.out + o, fmadd(g, ld(p.q + o, k) - h, h), k);  // (1-g) h + g q
-        }
+  const int64_t n = p.n, M = n + 1, ND = p.N * p.D;
+  for_blocks(ND, M, false, [&](int64_t e0, int64_t cnt, float* zt, float*) {
+    deinterleave(p.G + e0 * M, cnt, M, zt);
+    for (int64_t i = 1; i <= n; i++) {
+      const float* h = p.h + (i - 1) * ND + e0;
+      const float* q = p.q + (i - 1) * ND + e0;
+      float* out = p.out + (i - 1) * ND + e0;
+      const float* z = zt + i * kB;
+      for (int64_t j = 0; j < cnt; j += W) {
+        const int k = int(std::min<int64_t>(W, cnt - j));
+        vf g, omg;
+        sigmoid_pair(load(z + j), g, omg);
+        st(out + j, fmadd(omg, ld(h + j, k), g * ld(q + j, k)), k);  // (1-g) h + g q
       }
     }
   });
 }
 
 void stitch_he_backward(const StitchHEBackwardParams& p) {
-  const int64_t N = p.N, D = p.D, n = p.n, M = n + 1, ND = N * D;
-  const Strided S(M);
-  const vf one = set1(1.f);
-  parallel_for(N, grain_for(D, M), [&](int64_t t0, int64_t t1, int) {
-    for (int64_t t = t0; t < t1; t++) {
-      const float* Gt = p.G + t * D * M;  // [D, M]
-      float* dGt = p.dG + t * D * M;      // [D, M]
-      for (int64_t d = 0; d < D; d += W) {
-        const int k = int(std::min<int64_t>(W, D - d));
-        for (int64_t i = 1; i <= n; i++) {
-          const int64_t o = (i - 1) * ND + t * D + d;
-          const vf g = sigmoid(S.gather(Gt + d * M + i, k));
-          const vf dout = ld(p.dout + o, k), h = ld(p.h + o, k), q = ld(p.q + o, k);
-          const vf gd = g * dout;
-          st(p.dh + o, dout - gd, k);  // (1-g) dout
-          st(p.dq + o, gd, k);
-          S.scatter(dGt + d * M + i, gd * (q - h) * (one - g), k);
-        }
-        S.scatter(dGt + d * M, zero(), k);
+  const int64_t n = p.n, M = n + 1, ND = p.N * p.D;
+  for_blocks(ND, M, true, [&](int64_t e0, int64_t cnt, float* zt, float* dzt) {
+    deinterleave(p.G + e0 * M, cnt, M, zt);
+    for (int64_t j = 0; j < cnt; j += W) store(dzt + j, zero());  // slot 0: the hub has no H->E gate
+    for (int64_t i = 1; i <= n; i++) {
+      const int64_t o = (i - 1) * ND + e0;
+      const float* z = zt + i * kB;
+      float* dz = dzt + i * kB;
+      for (int64_t j = 0; j < cnt; j += W) {
+        const int k = int(std::min<int64_t>(W, cnt - j));
+        vf g, omg;
+        sigmoid_pair(load(z + j), g, omg);
+        const vf dout = ld(p.dout + o + j, k), h = ld(p.h + o + j, k), q = ld(p.q + o + j, k);
+        const vf gd = g * dout;
+        st(p.dh + o + j, omg * dout, k);
+        st(p.dq + o + j, gd, k);
+        store(dz + j, gd * (q - h) * omg);
       }
     }
+    interleave(dzt, cnt, M, p.dG + e0 * M);
   });
 }
 

@@ -16,7 +16,11 @@ using namespace simd;
 
 namespace {
 constexpr int64_t kBlock = 64;  // floats per scheduling unit
-}
+// simd::exp clamps its argument at 88.7, so sigmoid(g) bottoms out at ~3e-39 for g < -88.7 instead
+// of going to 0; z * sigmoid(z) would then be wrong for huge negative z (-3e38 * 3e-39 = -0.9). The
+// gate is clamped at -88 where it multiplies (silu(-88) ~ -5e-37, true value for anything below: ~0).
+inline vf clamp_gate(vf g) { return max(g, set1(-88.f)); }
+}  // namespace
 
 void swiglu_forward(const SwigluParams& p) {
   const int64_t n = p.N * p.F;
@@ -25,12 +29,12 @@ void swiglu_forward(const SwigluParams& p) {
     const int64_t i0 = b0 * kBlock, i1 = std::min(n, b1 * kBlock);
     int64_t i = i0;
     for (; i + W <= i1; i += W) {
-      const vf g = load(p.gate + i);
+      const vf g = clamp_gate(load(p.gate + i));
       store(p.h + i, g * sigmoid(g) * load(p.up + i));
     }
     if (i < i1) {
       const int k = int(i1 - i);
-      const vf g = load_partial(p.gate + i, k);
+      const vf g = clamp_gate(load_partial(p.gate + i, k));
       store_partial(p.h + i, g * sigmoid(g) * load_partial(p.up + i, k), k);
     }
   });
@@ -43,6 +47,7 @@ void swiglu_backward(const SwigluBackwardParams& p) {
   parallel_for(blocks, 256, [&](int64_t b0, int64_t b1, int) {
     const int64_t i0 = b0 * kBlock, i1 = std::min(n, b1 * kBlock);
     auto step = [&](vf g, vf u, vf dh, vf& dg, vf& du) {
+      g = clamp_gate(g);
       const vf s = sigmoid(g);
       const vf gs = g * s;                          // silu(g)
       du = dh * gs;

@@ -21,7 +21,7 @@ namespace reference {
 
 void attention_forward(const AttentionParams& p) {
   const int64_t G = p.H / p.Hkv, Dh = p.Dh;
-  std::vector<double> s(size_t(p.Tk)), acc(size_t(Dh));
+  std::vector<double> s(static_cast<size_t>(p.Tk)), acc(static_cast<size_t>(Dh));
   for (int64_t b = 0; b < p.B; b++)
     for (int64_t h = 0; h < p.H; h++) {
       const int64_t hk = h / G;
@@ -53,7 +53,7 @@ void attention_forward(const AttentionParams& p) {
 
 void attention_backward(const AttentionBackwardParams& p) {
   const int64_t T = p.T, H = p.H, Hkv = p.Hkv, Dh = p.Dh, G = H / Hkv;
-  std::vector<double> dq(size_t(T * H * Dh)), dk(size_t(T * Hkv * Dh)), dv(size_t(T * Hkv * Dh));
+  std::vector<double> dq(static_cast<size_t>(T * H * Dh)), dk(static_cast<size_t>(T * Hkv * Dh)), dv(static_cast<size_t>(T * Hkv * Dh));
   for (int64_t b = 0; b < p.B; b++) {
     std::fill(dq.begin(), dq.end(), 0.0);
     std::fill(dk.begin(), dk.end(), 0.0);

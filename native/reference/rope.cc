@@ -9,6 +9,7 @@
 // Rotation: Hugging Face rotate-half pairing, element i with i + Dh/2, in double.
 // Legend: N rows, nh heads per row, Dh head dim, P table positions.
 #include <cmath>
+#include <vector>
 
 #include "bts/ops.h"
 
@@ -52,8 +53,8 @@ void rope_inv_freq_f32(const RopeTableParams& p, float* inv_freq /* [Dh/2] */) {
 
 void rope_table(const RopeTableParams& p) {
   const int64_t half = p.Dh / 2;
-  float inv_stack[512];
-  float* inv = half <= 512 ? inv_stack : new float[size_t(half)];
+  std::vector<float> inv_buf(static_cast<size_t>(half));  // [Dh/2]
+  float* inv = inv_buf.data();
   rope_inv_freq_f32(p, inv);
   for (int64_t pos = 0; pos < p.P; pos++)
     for (int64_t i = 0; i < half; i++) {
@@ -63,7 +64,6 @@ void rope_table(const RopeTableParams& p) {
     }
   if (p.inv_freq)
     for (int64_t i = 0; i < half; i++) p.inv_freq[i] = inv[i];
-  if (inv != inv_stack) delete[] inv;
 }
 
 void rope_forward(const RopeParams& p) {

@@ -23,7 +23,7 @@ inline double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 
 void stitch_eh_forward(const StitchEHParams& p) {
   const int64_t N = p.N, D = p.D, n = p.n, M = n + 1, ND = N * D;
-  std::vector<double> g(size_t(M));
+  std::vector<double> g(static_cast<size_t>(M));
   for (int64_t t = 0; t < N; t++)
     for (int64_t d = 0; d < D; d++) {
       softmax_models(p.G + t * D * M + d * M, M, g.data());
@@ -38,7 +38,7 @@ void stitch_eh_forward(const StitchEHParams& p) {
 // dG_m = g_m (x_m dout - sum_k g_k x_k dout)  (softmax Jacobian).
 void stitch_eh_backward(const StitchEHBackwardParams& p) {
   const int64_t N = p.N, D = p.D, n = p.n, M = n + 1, ND = N * D;
-  std::vector<double> g(size_t(M)), x(size_t(M));
+  std::vector<double> g(static_cast<size_t>(M)), x(static_cast<size_t>(M));
   for (int64_t t = 0; t < N; t++)
     for (int64_t d = 0; d < D; d++) {
       const int64_t e = t * D + d;
@@ -60,8 +60,9 @@ void stitch_he_forward(const StitchHEParams& p) {
     for (int64_t t = 0; t < N; t++)
       for (int64_t d = 0; d < D; d++) {
         const int64_t e = (i - 1) * ND + t * D + d;
-        const double g = sigmoid(p.G[t * D * M + d * M + i]);
-        p.out[e] = float((1.0 - g) * p.h[e] + g * p.q[e]);
+        const double z = p.G[t * D * M + d * M + i];
+        const double g = sigmoid(z), omg = sigmoid(-z);  // 1 - g without cancellation
+        p.out[e] = float(omg * p.h[e] + g * p.q[e]);
       }
 }
 
@@ -73,11 +74,12 @@ void stitch_he_backward(const StitchHEBackwardParams& p) {
     for (int64_t t = 0; t < N; t++)
       for (int64_t d = 0; d < D; d++) {
         const int64_t e = (i - 1) * ND + t * D + d;
-        const double g = sigmoid(p.G[t * D * M + d * M + i]);
+        const double z = p.G[t * D * M + d * M + i];
+        const double g = sigmoid(z), omg = sigmoid(-z);
         const double dout = p.dout[e], h = p.h[e], q = p.q[e];
-        p.dh[e] = float((1.0 - g) * dout);
+        p.dh[e] = float(omg * dout);
         p.dq[e] = float(g * dout);
-        p.dG[t * D * M + d * M + i] = float(dout * (q - h) * g * (1.0 - g));
+        p.dG[t * D * M + d * M + i] = float(dout * (q - h) * g * omg);
       }
 }
 

@@ -136,7 +136,7 @@ struct RopeParams {
   const float* table = nullptr;          // [P, Dh/2, 2]
   const float* x = nullptr;              // [N, nh, Dh] (row stride ld_x)
   int64_t ld_x = 0;                      // floats between rows, >= nh*Dh (0 = nh*Dh)
-  float* out = nullptr;                  // [N, nh, Dh] (row stride ld_out, may alias x)
+  float* out = nullptr;                  // [N, nh, Dh] (row stride ld_out; may be x itself when ld_out == ld_x)
   int64_t ld_out = 0;
 };
 void rope_forward(const RopeParams& p);  // inverse=true is the backward
@@ -200,6 +200,10 @@ struct CrossEntropyParams {
   float grad_scale = 1.f;            // dL/dloss_n (e.g. 1 / count for a mean)
   float* dx = nullptr;               // [N, D] overwritten; null: no backward
   float* dw = nullptr;               // [V, D] accumulated; may be null when dx is set (frozen head)
+  // Blocking of the fast kernels (0 = automatic; the reference ignores them). Results differ only by
+  // rounding; exposed for tests of chunk boundaries and for tuning.
+  int64_t vocab_chunk = 0;           // vocab rows (of W) per chunk
+  int64_t row_block = 0;             // rows (of x) per block
 };
 void cross_entropy_forward_backward(const CrossEntropyParams& p);
 
@@ -228,6 +232,7 @@ void adamw_step(const AdamWParams& p);
 // (p_i = W_proj_i h_i for E->H, q_i = W_proj_i h_0 for H->E) and the gate logits G = W_gate h_0 are
 // GEMMs done outside; these kernels do the per-dim softmax/sigmoid over models and the mix.
 // G[t] has D*M entries reshaped [D, M]: the logit of model m at dim d is G[t, d*M + m].
+// The mixes are element-wise in (t, d): only the product N*D matters to the kernels.
 //
 // E->H: g = softmax_m(G[t, d, :]);  h0'[t,d] = g_0 h0[t,d] + sum_i g_i p_i[t,d]   (i = 1..n)
 struct StitchEHParams {
@@ -235,7 +240,7 @@ struct StitchEHParams {
   const float* h0 = nullptr;  // [N, D] hub state
   const float* p = nullptr;   // [n, N, D] projected expert states
   const float* G = nullptr;   // [N, D*(n+1)] gate logits
-  float* out = nullptr;       // [N, D] new hub state
+  float* out = nullptr;       // [N, D] new hub state (may alias h0)
 };
 void stitch_eh_forward(const StitchEHParams& p);
 
@@ -245,7 +250,7 @@ struct StitchEHBackwardParams {
   const float* p = nullptr;     // [n, N, D]
   const float* G = nullptr;     // [N, D*(n+1)]
   const float* dout = nullptr;  // [N, D]
-  float* dh0 = nullptr;         // [N, D] overwritten (g_0 * dout)
+  float* dh0 = nullptr;         // [N, D] overwritten (g_0 * dout); may alias dout
   float* dp = nullptr;          // [n, N, D] overwritten (g_i * dout)
   float* dG = nullptr;          // [N, D*(n+1)] overwritten (softmax backward)
 };
@@ -268,7 +273,7 @@ struct StitchHEBackwardParams {
   const float* q = nullptr;     // [n, N, D]
   const float* G = nullptr;     // [N, D*(n+1)]
   const float* dout = nullptr;  // [n, N, D]
-  float* dh = nullptr;          // [n, N, D] overwritten ((1-g_i) dout)
+  float* dh = nullptr;          // [n, N, D] overwritten ((1-g_i) dout); may alias dout
   float* dq = nullptr;          // [n, N, D] overwritten (g_i dout)
   float* dG = nullptr;          // [N, D*(n+1)] overwritten (slot 0 set to 0)
 };
