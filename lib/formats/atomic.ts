@@ -15,6 +15,7 @@ import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
+import { ArgumentError } from '../errors.js';
 
 /** What can be written: one buffer / string, or a sequence of chunks written in order (no concatenation copy). */
 export type AtomicData = string | Uint8Array | ArrayBufferView | readonly (string | Uint8Array | ArrayBufferView)[];
@@ -28,6 +29,7 @@ function tempPathFor(target: string): string {
 function toBytes(chunk: string | Uint8Array | ArrayBufferView): Uint8Array {
   if (typeof chunk === 'string') return Buffer.from(chunk, 'utf8');
   if (chunk instanceof Uint8Array) return chunk;
+  if (!ArrayBuffer.isView(chunk)) throw new ArgumentError(`writeFileAtomic: a chunk must be a string or a typed array, got ${typeof chunk}`);
   return new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength);
 }
 

@@ -142,7 +142,7 @@ function tokenIds(fail: (w: string) => never, v: unknown, key: string): number[]
   return one === null ? [] : [one];
 }
 
-function parseRope(fail: (w: string) => never, r: unknown, key: string): RopeScaling | null {
+function parseRope(fail: (w: string) => never, r: unknown, key: string, source: string): RopeScaling | null {
   if (r === null || r === undefined) return null;
   if (typeof r !== 'object' || Array.isArray(r)) fail(`"${key}" must be an object or null, got ${JSON.stringify(r)}`);
   const o = r as Json;
@@ -160,7 +160,7 @@ function parseRope(fail: (w: string) => never, r: unknown, key: string): RopeSca
     return s;
   }
   if (type === 'linear') return { type: 'linear', factor: posNum(fail, o.factor, `${key}.factor`) };
-  throw new UnsupportedFeatureError(`${key}: RoPE type ${JSON.stringify(type)} is not supported (supported: default, linear, llama3)`);
+  throw new UnsupportedFeatureError(`${source}: ${key}: RoPE type ${JSON.stringify(type)} is not supported (supported: default, linear, llama3)`);
 }
 
 /**
@@ -209,10 +209,10 @@ export function parseLlamaConfig(json: unknown, source = 'config.json'): LlamaCo
     if (typeof rp !== 'object' || Array.isArray(rp)) fail(`"rope_parameters" must be an object, got ${JSON.stringify(rp)}`);
     const o = rp as Json;
     ropeTheta = posNum(fail, o.rope_theta ?? j.rope_theta ?? D.ropeTheta, 'rope_parameters.rope_theta');
-    ropeScaling = parseRope(fail, o, 'rope_parameters');
+    ropeScaling = parseRope(fail, o, 'rope_parameters', source);
   } else {
     ropeTheta = posNum(fail, j.rope_theta ?? D.ropeTheta, 'rope_theta');
-    ropeScaling = parseRope(fail, j.rope_scaling, 'rope_scaling');
+    ropeScaling = parseRope(fail, j.rope_scaling, 'rope_scaling', source);
   }
 
   const torchDtype = j.torch_dtype ?? j.dtype ?? null;

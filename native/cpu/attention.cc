@@ -54,6 +54,7 @@ using namespace simd;
 namespace {
 constexpr int64_t kBq = 64;  // query positions per block (forward: rows = positions * G, capped)
 constexpr int64_t kBk = 64;  // keys per tile; a multiple of 2W at every level (ld of kT and S)
+constexpr int kMR = 6;         // rows per micro-kernel block (6 x 2 accumulator vectors)
 constexpr int64_t kAhead = 16;  // decode: keys prefetched ahead
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -90,13 +91,18 @@ template <class Cols>
 void gemm_abt(const float* A, int64_t lda, const float* BT, int64_t ldb, int64_t K, float* C, int64_t ldc, int64_t M,
               Cols cols) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) abt_rows<4>(A + m * lda, lda, BT, ldb, K, C + m * ldc, ldc, round_up(cols(m + 3), 2 * W));
+  for (; m + kMR <= M; m += kMR)
+    abt_rows<kMR>(A + m * lda, lda, BT, ldb, K, C + m * ldc, ldc, round_up(cols(m + kMR - 1), 2 * W));
   if (m == M) return;
   const int64_t nc = round_up(cols(M - 1), 2 * W);
+  const float* Am = A + m * lda;
+  float* Cm = C + m * ldc;
   switch (M - m) {
-    case 3: abt_rows<3>(A + m * lda, lda, BT, ldb, K, C + m * ldc, ldc, nc); break;
-    case 2: abt_rows<2>(A + m * lda, lda, BT, ldb, K, C + m * ldc, ldc, nc); break;
-    default: abt_rows<1>(A + m * lda, lda, BT, ldb, K, C + m * ldc, ldc, nc); break;
+    case 5: abt_rows<5>(Am, lda, BT, ldb, K, Cm, ldc, nc); break;
+    case 4: abt_rows<4>(Am, lda, BT, ldb, K, Cm, ldc, nc); break;
+    case 3: abt_rows<3>(Am, lda, BT, ldb, K, Cm, ldc, nc); break;
+    case 2: abt_rows<2>(Am, lda, BT, ldb, K, Cm, ldc, nc); break;
+    default: abt_rows<1>(Am, lda, BT, ldb, K, Cm, ldc, nc); break;
   }
 }
 
@@ -146,18 +152,23 @@ template <class Range>
 void gemm_px(const float* P, int64_t psm, int64_t psk, const float* X, int64_t ldx, float* C, int64_t ldc, int64_t M,
              int64_t Dhp, Range range) {
   int64_t m = 0, k0 = 0, k1 = 0;
-  for (; m + 4 <= M; m += 4) {
-    range(m, m + 3, k0, k1);
-    if (k1 > k0) px_rows<4>(P + m * psm + k0 * psk, psm, psk, k1 - k0, X + k0 * ldx, ldx, C + m * ldc, ldc, Dhp);
+  for (; m + kMR <= M; m += kMR) {
+    range(m, m + kMR - 1, k0, k1);
+    if (k1 > k0) px_rows<kMR>(P + m * psm + k0 * psk, psm, psk, k1 - k0, X + k0 * ldx, ldx, C + m * ldc, ldc, Dhp);
   }
   if (m == M) return;
   range(m, M - 1, k0, k1);
   if (k1 <= k0) return;
   const float* Pm = P + m * psm + k0 * psk;
+  const float* Xk = X + k0 * ldx;
+  float* Cm = C + m * ldc;
+  const int64_t n = k1 - k0;
   switch (M - m) {
-    case 3: px_rows<3>(Pm, psm, psk, k1 - k0, X + k0 * ldx, ldx, C + m * ldc, ldc, Dhp); break;
-    case 2: px_rows<2>(Pm, psm, psk, k1 - k0, X + k0 * ldx, ldx, C + m * ldc, ldc, Dhp); break;
-    default: px_rows<1>(Pm, psm, psk, k1 - k0, X + k0 * ldx, ldx, C + m * ldc, ldc, Dhp); break;
+    case 5: px_rows<5>(Pm, psm, psk, n, Xk, ldx, Cm, ldc, Dhp); break;
+    case 4: px_rows<4>(Pm, psm, psk, n, Xk, ldx, Cm, ldc, Dhp); break;
+    case 3: px_rows<3>(Pm, psm, psk, n, Xk, ldx, Cm, ldc, Dhp); break;
+    case 2: px_rows<2>(Pm, psm, psk, n, Xk, ldx, Cm, ldc, Dhp); break;
+    default: px_rows<1>(Pm, psm, psk, n, Xk, ldx, Cm, ldc, Dhp); break;
   }
 }
 
@@ -232,16 +243,18 @@ void pack_rows(float* dst, const float* src, float a, int64_t b, int64_t hk, int
   for (int64_t j = 0; j < nk; j++) copy_scaled_pad(dst + j * Dhp, src + ((b * Tcap + j0 + j) * Hkv + hk) * Dh, a, Dh, Dhp);
 }
 
-// Runs fn(item, thread) for item in [0, n), items handed out in index order by an atomic counter.
-template <class F>
+// Runs fn(item, state) for item in [0, n), items handed out in index order by an atomic counter; each
+// compute thread has its own default-constructed State (scratch buffers, allocated on first use).
+template <class State, class F>
 void run_dynamic(int64_t n, F&& fn) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
-  parallel_run([&](int t, int) {
+  parallel_run([&](int, int) {
+    State st;
     for (;;) {
       const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
       if (i >= n) break;
-      fn(i, t);
+      fn(i, st);
     }
   });
 }
@@ -391,13 +404,11 @@ void attention_forward(const AttentionParams& p) {
     part_m.assign(size_t(items0 * S * rows), kNegInf);
     part_l.assign(size_t(items0 * S * rows), 0.f);
   }
-  std::vector<FwdBufs> bufs(static_cast<size_t>(nth));
   // Item order. Many (b, hk) groups: group by group, so one thread's consecutive query blocks reuse
   // the group's K/V from its cache; the dynamic hand-out balances the groups. Few groups: largest
   // items (last query blocks, most keys) first, across groups, for balance. Splits innermost.
   const bool by_group = p.B * p.Hkv >= 4 * int64_t(nth);
-  run_dynamic(items0 * S, [&](int64_t it, int t) {
-    FwdBufs& w = bufs[size_t(t)];
+  run_dynamic<FwdBufs>(items0 * S, [&](int64_t it, FwdBufs& w) {
     w.init(rows, p.Dh, Dhp);
     const int64_t s = it % S, bh = it / S;
     int64_t hk, b, qb;
@@ -616,22 +627,19 @@ void attention_backward(const AttentionBackwardParams& p) {
     }
   });
   BwdCtx c{p, H / Hkv, round_up(Dh, W), cdiv(T, kBq), D.data()};
-  std::vector<BwdBufs> bufs(static_cast<size_t>(nth));
   const int64_t items = B * Hkv;
   if (nth == 1 || items % nth == 0 || items >= 4 * int64_t(nth)) {
     // One pass per (b, hk): equal-cost items. Key chunks of KC blocks bound the per-thread buffers.
     const int64_t per_block = 2 * Dh * kBk + 3 * kBk * c.Dhp;
     const int64_t KC = std::max<int64_t>(1, std::min<int64_t>({c.nb, 64, kKeyChunkFloats / per_block}));
-    run_dynamic(items, [&](int64_t it, int t) {
-      BwdBufs& w = bufs[size_t(t)];
+    run_dynamic<BwdBufs>(items, [&](int64_t it, BwdBufs& w) {
       w.init(Dh, c.Dhp, KC);
       bwd_group(c, w, it / Hkv, it % Hkv, KC);
     });
     return;
   }
   // Pass 1: dK, dV per (b, hk, key block); first key blocks (most query blocks) first.
-  run_dynamic(B * Hkv * c.nb, [&](int64_t it, int t) {
-    BwdBufs& w = bufs[size_t(t)];
+  run_dynamic<BwdBufs>(B * Hkv * c.nb, [&](int64_t it, BwdBufs& w) {
     w.init(Dh, c.Dhp, 1);
     const int64_t kb = it / (B * Hkv), b = (it / Hkv) % B, hk = it % Hkv;
     const int64_t nk = pack_k(c, w, b, hk, kb, 0, false);
@@ -646,8 +654,7 @@ void attention_backward(const AttentionBackwardParams& p) {
     store_rows(p.dv, w.dv.data(), b, kb * kBk, nk, hk, T, Hkv, Dh, c.Dhp);
   });
   // Pass 2: dQ per (b, h, query block); last query blocks (most key blocks) first.
-  run_dynamic(B * H * c.nb, [&](int64_t it, int t) {
-    BwdBufs& w = bufs[size_t(t)];
+  run_dynamic<BwdBufs>(B * H * c.nb, [&](int64_t it, BwdBufs& w) {
     w.init(Dh, c.Dhp, 1);
     const int64_t qb = c.nb - 1 - it / (B * H), b = (it / H) % B, h = it % H, hk = h / c.G;
     const int64_t nq = pack_q(c, w, b, h, qb), i0 = qb * kBq;

@@ -128,26 +128,28 @@ void cross_entropy_forward_backward(const CrossEntropyParams& p) {
   const float gs = p.grad_scale;
 
   // Blocking (see the header comment).
-  int64_t Vc = p.vocab_chunk > 0 ? std::min(p.vocab_chunk, V) : (V * std::min(N, kMinRows) <= kBufFloats ? V : kChunk);
+  // Explicit blocking (tests, tuning) is honoured up to an L of kMaxBufFloats (256 MB).
+  constexpr int64_t kMaxBufFloats = int64_t(64) << 20;
+  const int64_t Vc = p.vocab_chunk > 0 ? std::min({p.vocab_chunk, V, kMaxBufFloats})
+                                       : (V * std::min(N, kMinRows) <= kBufFloats ? V : kChunk);
   int64_t Nb = p.row_block > 0 ? p.row_block : std::min(kMaxRows, std::max(kMinRows, kBufFloats / Vc));
-  Nb = std::min(Nb, N);
-  constexpr int64_t kMaxBufFloats = int64_t(64) << 20;  // explicit blocking: cap L at 256 MB
-  if (Nb * Vc > std::max(kBufFloats, kMaxBufFloats)) Nb = std::max<int64_t>(1, kMaxBufFloats / Vc);
+  Nb = std::max<int64_t>(1, std::min({Nb, N, kMaxBufFloats / Vc}));
   const int64_t nblocks = (N + Nb - 1) / Nb;
   Nb = (N + nblocks - 1) / nblocks;  // equal blocks
   const int64_t nchunks = (V + Vc - 1) / Vc;
   const bool fused = bwd && nchunks == 1;  // gradient formed in pass 1, no recompute
 
   std::vector<float> L(size_t(Nb) * size_t(Vc));  // [Nb, Vc] logits / dlogits of one (block, chunk)
-  std::vector<float> rmax(static_cast<size_t>(Nb)), tlogit(static_cast<size_t>(Nb)), lse(static_cast<size_t>(Nb));  // [Nb] each
-  std::vector<double> rsum(static_cast<size_t>(Nb));                                     // [Nb]
+  const size_t nbs = static_cast<size_t>(Nb);
+  std::vector<float> rmax(nbs), tlogit(nbs), lse(nbs);  // [Nb] running max, target logit, log-sum-exp
+  std::vector<double> rsum(nbs);                        // [Nb] running sum of exp(l - rmax)
   double loss_sum = 0;
   int64_t count = 0;
 
   for (int64_t r0 = 0; r0 < N; r0 += Nb) {
     const int64_t nb = std::min(Nb, N - r0);
-    const float* xb = p.x + r0 * D;        // [nb, D]
-    const int32_t* tb = p.targets + r0;    // [nb]
+    const float* xb = p.x + r0 * D;              // [nb, D]
+    const int32_t* tb = p.targets + r0;          // [nb]
     float* dxb = bwd ? p.dx + r0 * D : nullptr;  // [nb, D]
     int64_t live = 0;
     for (int64_t i = 0; i < nb; i++) live += tb[i] != p.ignore_index;

@@ -22,17 +22,28 @@
 // work units along N (both threads then pack that small A block, which is cheap).
 //
 // Parameters (per ISA level; measured on AMD Zen 3, 32 KiB L1d, 512 KiB L2 per core, 32 MiB L3):
-//   avx2:   MR x NR = 6 x 16 (12 ymm accumulators, 2 B loads + 6 broadcasts per k),
-//           KC = 256 (B sliver 16 KiB in L1), MC = 144 (A block 144 KiB in L2), NC = 4096.
-//   avx512: 14 x 32 (28 zmm accumulators), same logic, KC = 256, MC = 112; cannot run on the
-//           development machine, so it is structurally identical to the avx2 code.
+//   avx2:   MR x NR = 6 x 16: 12 ymm accumulators, 2 B loads + 6 broadcasts per k, the inner loop
+//           compiles to exactly that (12 vfmadd231ps, 2 vmovups, 6 vbroadcastss). KC = 256 (B sliver
+//           16 KiB in L1), MC = 144 (A block 144 KiB in L2), NC = 4096 (B panel up to 4 MiB in L3).
+//           MC in {72, 96, 144, 288}, KC in {256, 384, 512}, NC in {512, 1024, 4096} all measured
+//           within the noise of this shared 2-core machine (+-5%), so the BLIS-like defaults stay.
+//           Packing A is vectorised (in-register 8x8 transposes without transA, row-wise masked copies
+//           with transA): scalar packing cost up to 25% at N = 256, and packing a transposed A down
+//           its columns thrashed L1 sets (lda = 4096).
+//   avx512: 14 x 32 (28 zmm accumulators), the same code with W = 16; KC = 128 keeps the 32-wide B
+//           sliver at 16 KiB, MC = 224. Cannot run on the development machine: untuned.
 //   scalar: 4 x 4 plain blocked kernel (W = 1): correct, not fast.
+// Result on Zen 3 (AVX2): within a few % of OpenBLAS 0.3.21 sgemm on the training shapes
+// (M = 4096, N, K in 256..2048, NT / NN / TN), 1 and 2 threads.
 //
-// Small M (M <= 16, decode and GEMV-like shapes) skips packing entirely: with transB each C element
-// is a dot product of two contiguous rows (A row, B row), computed 2 x 4 at a time with vectors
-// along K; without transB, a few rows of A are broadcast against contiguous row segments of B.
-// Both are threaded over N. The bf16 variant on CPUs with AVX512_BF16 uses _mm512_dpbf16_ps with A
-// rounded to bf16 (k pairs interleaved in the packed panels); elsewhere B is widened while packing.
+// Small M (M <= 16, decode and GEMV-like shapes) skips packing A: with transB each C element is a
+// dot product of two contiguous rows (A row, B row), computed 2 x 4 at a time with vectors along K;
+// without transB, a few rows of A are broadcast against contiguous row segments of B (B up to 1 MiB;
+// larger: M <= 4 streams B rows into L1-resident accumulators, M > 4 takes the packed path). All are
+// threaded over N. The bf16 variant on CPUs with AVX512_BF16 uses _mm512_dpbf16_ps with A rounded to
+// bf16 (k pairs interleaved in the packed panels; untested on hardware here, its logic is tested
+// through an exact fp32 emulation forced by BTS_GEMM_BF16DOT=1); elsewhere, and for small M, B is
+// widened to fp32 (while packing, or on load) and A stays fp32.
 #include <atomic>
 #include <cstdlib>
 #include <memory>
@@ -60,7 +71,7 @@ namespace {
 
 #if BTS_ISA_LEVEL == 3
 constexpr int MR = 14, NV = 2;
-constexpr int64_t MC = 112, KC = 256, NC = 4096;
+constexpr int64_t MC = 224, KC = 128, NC = 4096;
 #elif BTS_ISA_LEVEL == 2
 constexpr int MR = 6, NV = 2;
 constexpr int64_t MC = 144, KC = 256, NC = 4096;
@@ -69,12 +80,6 @@ constexpr int MR = 4, NV = 4;
 constexpr int64_t MC = 64, KC = 256, NC = 1024;
 #endif
 constexpr int NR = NV * W;
-// TUNING (temporary)
-int64_t env_i(const char* n, int64_t d) { const char* s = std::getenv(n); return s ? std::atoll(s) : d; }
-const int64_t MC_ = env_i("G_MC", MC), KC_ = env_i("G_KC", KC), NC_ = env_i("G_NC", NC);
-#define MC MC_
-#define KC KC_
-#define NC NC_
 constexpr int64_t kSmallM = 16;  // M up to this uses the unpacked paths
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -87,7 +92,7 @@ inline vf loadw(const bf16* p) { return load_bf16(p); }
 inline vf loadw_partial(const float* p, int n) { return load_partial(p, n); }
 inline vf loadw_partial(const bf16* p, int n) { return load_bf16_partial(p, n); }
 
-// ---- workspace: grown on demand, kept per thread (ops may nest, so no global buffer).
+// ---- workspace: grown on demand, kept per calling thread (ops may nest, so no global buffer).
 struct Workspace {
   float* p = nullptr;
   size_t n = 0;
@@ -103,7 +108,7 @@ struct Workspace {
     return p;
   }
 };
-thread_local Workspace tl_bpanel, tl_ablock;
+thread_local Workspace tl_workspace;
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -385,7 +390,7 @@ void pack_b_dp(const bf16* B, int64_t ldb, bool transB, int64_t k0, int64_t kc, 
       return transB ? B[(j + jj) * ldb + k0 + k] : B[(k0 + k) * ldb + j + jj];
     };
     for (int64_t q = 0; q < kd; q++)
-      for (int jj = 0; jj < NR; jj++) d[q * NR + jj] = bf16_pair(at(2 * q + 1, jj), at(2 * q, jj));
+      for (int jj = 0; jj < NR; jj++) d[q * NR + jj] = bf16_pair(at(2 * q, jj), at(2 * q + 1, jj));
   }
 }
 
@@ -417,9 +422,13 @@ void gemm_blocked(const Problem<TB>& p) {
   const int64_t nc_max = std::min(NC, ceil_div(N, NR) * NR);
   const int64_t kc_max = std::min(KC, K);
   const int64_t panel = kc_max * nc_max;  // floats per B panel
-  float* bbuf = tl_bpanel.get(size_t(2 * panel));
+  const int64_t ablock = ceil_div(ceil_div(std::min(MC, M), MR) * MR * kc_max + kPackSlack, 16) * 16;
+  const int want0 = threads_for(2.0 * double(M) * double(N) * double(K));
+  // Everything is allocated here, by the calling thread, so no thread can fail (and leave the others
+  // waiting at the barrier) inside the parallel region: two B panels, then one A block per thread.
+  float* bbuf = tl_workspace.get(size_t(2 * panel + want0 * ablock));
   const int64_t n_jc = ceil_div(N, NC), n_pc = ceil_div(K, KC), n_ic = ceil_div(M, MC);
-  const int want = threads_for(2.0 * double(M) * double(N) * double(K));
+  const int want = want0;
   // Work units per (jc, pc) step: n_ic A blocks, each split into `parts` along N when blocks are few.
   const int64_t max_slivers = ceil_div(nc_max, NR);
   const int64_t parts = n_ic >= 4 * want ? 1 : std::min<int64_t>(max_slivers, ceil_div(4 * want, n_ic));
@@ -431,7 +440,7 @@ void gemm_blocked(const Problem<TB>& p) {
   parallel_run([&](int t, int nthr) {
     const int nt = std::min(nthr, want);
     if (t >= nt) return;
-    float* abuf = tl_ablock.get(size_t(ceil_div(std::min(MC, M), MR) * MR * kc_max + kPackSlack));  // [MC, KC] slivers
+    float* abuf = bbuf + 2 * panel + t * ablock;  // [MC, KC] as slivers [KC, MR]
     int64_t step = 0;
     for (int64_t jc = 0; jc < N; jc += NC) {
       const int64_t nc = std::min(NC, N - jc);
@@ -619,14 +628,51 @@ void gemm_small_nn(const Problem<TB>& p) {
   });
 }
 
+// Small M (<= 4), no transB, large B: column chunks of 256 with the [M, 256] accumulators in L1, B rows streamed k by k (1 KiB contiguous per row, which the prefetchers follow).
+template <class TB>
+void gemm_small_nn_stream(const Problem<TB>& p) {
+  const int64_t M = p.M, N = p.N, K = p.K;
+  const int64_t sam = p.transA ? 1 : p.lda, sak = p.transA ? p.lda : 1;
+  constexpr int64_t CH = 256;
+  static_assert(CH % W == 0, "chunk of whole vectors");
+  const int nt = threads_for(2.0 * double(M) * double(N) * double(K));
+  const int64_t chunks = ceil_div(N, CH);
+  parallel_for(chunks, nt > 1 ? 1 : chunks, [&](int64_t c0, int64_t c1, int) {
+    alignas(64) float acc[4 * CH];  // [M, CH]
+    for (int64_t ch = c0; ch < c1; ch++) {
+      const int64_t n0 = ch * CH, nn = std::min(CH, N - n0);
+      const int64_t nv = nn / W * W;
+      std::fill(acc, acc + M * CH, 0.f);
+      for (int64_t k = 0; k < K; k++) {
+        const TB* b = p.B + k * p.ldb + n0;
+        for (int64_t m = 0; m < M; m++) {
+          const float as = p.A[m * sam + k * sak];
+          const vf am = set1(as);
+          float* y = acc + m * CH;
+          for (int64_t j = 0; j < nv; j += W) store(y + j, fmadd(am, loadw(b + j), load(y + j)));
+          for (int64_t j = nv; j < nn; j++) y[j] += as * widen(b[j]);
+        }
+      }
+      for (int64_t m = 0; m < M; m++)
+        for (int64_t j = 0; j < nn; j++) {
+          float& y = p.C[m * p.ldc + n0 + j];
+          y = p.beta == 0.f ? p.alpha * acc[m * CH + j] : p.alpha * acc[m * CH + j] + p.beta * y;
+        }
+    }
+  });
+}
+
 template <class TB>
 void gemm_any(const Problem<TB>& p, bool dp) {
   if (p.M <= kSmallM) {
-    if (p.transB)
-      gemm_small_nt(p);
-    else
-      gemm_small_nn(p);
-    return;
+    // Without transB, each k step reads a short segment of every B row: with a large B (power-of-two
+    // row strides alias in L1/L2 and every row is a new page) the unpacked walk collapses (measured
+    // 2-10 GFLOP/s at K = N = 2048), so only a B of up to 1 MiB goes unpacked.
+    if (p.transB) return gemm_small_nt(p);
+    if (double(p.K) * double(p.ldb) * sizeof(TB) <= double(1 << 20)) return gemm_small_nn(p);
+    // Large B: streaming rows of B pays for M <= 4 (M = 1, K = N = 2048: 4.3 vs 2.3 GFLOP/s blocked);
+    // above, the packed path wins (M = 16: 28 vs 14 GFLOP/s).
+    if (p.M <= 4) return gemm_small_nn_stream(p);
   }
   if constexpr (std::is_same_v<TB, bf16>) {
     if (dp) return gemm_blocked<TB, true>(p);  // (transA is rejected for bf16 by the entry)

@@ -176,7 +176,7 @@ void test_gemm() {
     int64_t M, N, K;
   };
   const S shapes[] = {{1, 1, 1}, {7, 33, 17}, {33, 7, 65}, {64, 64, 64}, {70, 129, 33}, {5, 3, 300}};
-  if (selected("gemm_f32")) {
+  if (selected("gemm_f32") || selected("gemm_f32_tc")) {
     if (!&bts::reference::gemm_f32) skip("gemm_f32", "reference not built");
     else
       for (int math = 0; math < 2; math++)

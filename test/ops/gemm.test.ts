@@ -110,6 +110,8 @@ describe('gemm', () => {
         [130, 67, 1100, true, true],
         [5, 700, 520, false, true],
         [5, 700, 520, true, false],
+        [3, 600, 520, false, false], // small M, B over 1 MiB: the streaming path
+        [3, 600, 520, true, false],
       ] as [number, number, number, boolean, boolean][]) {
         const cs = { m, n, k, transA, transB, pad: 0, alpha: 1, beta: 0.5 };
         const ref = atLevel('reference', () => run(cs, m + n));
@@ -172,6 +174,7 @@ describe('gemm', () => {
         [17, 65, 33, true],
         [129, 300, 65, false],
         [300, 129, 300, true],
+        [2, 1100, 520, false], // small M, B over 1 MiB: the streaming path
       ];
       for (const [idx, [m, n, k, transB]] of list.entries()) {
         const a = randn(m * (k + 2), idx + 1);
