@@ -435,11 +435,11 @@ function parseHeader(file: string, headerBytes: Uint8Array, headerLength: number
   return { metadata, tensors: new Map(entries.map(([n, t]) => [n, t])) };
 }
 
-function readFully(fd: number, buf: Uint8Array, position: number): void {
+function readFully(file: string, fd: number, buf: Uint8Array, position: number): void {
   let off = 0;
   while (off < buf.byteLength) {
     const r = fs.readSync(fd, buf, off, buf.byteLength - off, position + off);
-    if (r === 0) throw new FormatError(`unexpected end of file while reading ${buf.byteLength} bytes at ${position}`);
+    if (r === 0) fail(file, `unexpected end of file while reading ${buf.byteLength} bytes at offset ${position} (was the file changed after it was opened?)`);
     off += r;
   }
 }
@@ -483,7 +483,7 @@ export function openSafetensors(file: string, options: OpenSafetensorsOptions = 
     const load = options.load ?? (fileSize <= bufferConstants.MAX_LENGTH ? 'eager' : 'lazy');
     if (load !== 'eager' && load !== 'lazy') throw new FormatError(`openSafetensors: options.load must be 'eager' or 'lazy', got ${JSON.stringify(load)}`);
     const head = new Uint8Array(8);
-    readFully(fd, head, 0);
+    readFully(file, fd, head, 0);
     const n64 = Buffer.from(head.buffer).readBigUInt64LE(0);
     if (n64 > BigInt(MAX_HEADER_SIZE)) fail(file, `header length ${n64} exceeds the limit of ${MAX_HEADER_SIZE} bytes`);
     const headerLength = Number(n64);
@@ -493,13 +493,13 @@ export function openSafetensors(file: string, options: OpenSafetensorsOptions = 
     if (load === 'eager') {
       buf = Buffer.allocUnsafeSlow(fileSize); // not pooled: byteOffset 0, so alignment follows file offsets
       buf.set(head, 0);
-      readFully(fd, buf.subarray(8), 8);
+      readFully(file, fd, buf.subarray(8), 8);
       fs.closeSync(fd);
       fd = undefined;
       header = parseHeader(file, buf.subarray(8, 8 + headerLength), headerLength, fileSize);
     } else {
       const hb = new Uint8Array(headerLength);
-      readFully(fd, hb, 8);
+      readFully(file, fd, hb, 8);
       header = parseHeader(file, hb, headerLength, fileSize);
     }
     const openFd = fd;
@@ -530,7 +530,7 @@ function makeFile(
     const t = info(name);
     if (buffer) return viewOrCopy(buffer, t);
     const out = new CTOR[t.dtype](t.byteLength / DTYPE_SIZE[t.dtype]);
-    readFully(fd!, new Uint8Array(out.buffer, 0, t.byteLength), t.byteOffset);
+    readFully(file, fd!, new Uint8Array(out.buffer, 0, t.byteLength), t.byteOffset);
     return out;
   };
   const close = (): void => {
