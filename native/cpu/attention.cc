@@ -13,10 +13,12 @@
 // keys against a transposed, zero-padded K tile (kT [Dh, kBk], 8x8 AVX transposes); O += P V is
 // vectorised over Dh reading V in place (packed and padded only when Dh is not a multiple of W).
 // Both are trimmed to the causal triangle per 4-row block, so diagonal tiles cost about half.
-// Decode (<= 4 rows per item, e.g. Tq = 1 with G <= 4): scores are plain dot products straight from
-// the cache, with software prefetch (one head's keys are Hkv * Dh floats apart). When there are few
-// items for the threads (B * Hkv * query blocks < 2 threads) the keys of an item are split into S
-// ranges that run as separate items writing partial (m, l, O), merged by a combine pass.
+// Decode (all queries in one block of <= 16 rows, e.g. Tq = 1): an item walks every kv head of each
+// key tile, so the cache [Tcap, Hkv, Dh] is streamed contiguously (one head's keys alone are Hkv * Dh
+// floats apart, which reads ~3x slower from DRAM); with <= 4 rows the scores are plain dot products
+// straight from the cache (no K^T packing), with software prefetch. When there are few items for the
+// threads (< 2 per thread) the keys of an item are split into S ranges that run as separate items
+// writing partial (m, l, O), merged by a combine pass.
 // Scheduling: items are handed out by an atomic counter (largest first when there are few (b, hk)
 // groups, group by group otherwise, for K/V cache reuse). Each item writes only its own outputs and
 // S depends only on the shape and the thread count, so results are deterministic for a given thread
@@ -262,33 +264,45 @@ void run_dynamic(int64_t n, F&& fn) {
 // ------------------------------------------------------------------------------------------------
 // Forward
 
-struct FwdBufs {
-  std::vector<float> qs, kt, vp, s, o, m, l;
-  void init(int64_t rows, int64_t Dh, int64_t Dhp) {
+// Online-softmax state of one (b, hk, query block): qs = scale q [rows, Dhp], O [rows, Dhp], m, l [rows].
+struct FwdState {
+  std::vector<float> qs, o, m, l;
+  void init(int64_t rows, int64_t Dhp) {
     if (!qs.empty()) return;
     qs.assign(size_t(rows * Dhp), 0.f);
-    kt.assign(size_t(Dh * kBk), 0.f);
-    vp.assign(size_t(kBk * Dhp), 0.f);
-    s.assign(size_t(rows * kBk), 0.f);
     o.assign(size_t(rows * Dhp), 0.f);
     m.assign(size_t(rows), 0.f);
     l.assign(size_t(rows), 0.f);
   }
 };
 
+// Per-tile scratch: kT [Dh, kBk], packed V [kBk, Dhp], scores / P [rows, kBk].
+struct FwdScratch {
+  std::vector<float> kt, vp, s;
+  void init(int64_t rows, int64_t Dh, int64_t Dhp) {
+    if (!s.empty()) return;
+    kt.assign(size_t(Dh * kBk), 0.f);
+    vp.assign(size_t(kBk * Dhp), 0.f);
+    s.assign(size_t(rows * kBk), 0.f);
+  }
+};
+
+// Thread state of the forward: one FwdState per kv head handled at once (1, or Hkv when the heads of
+// a position are walked together), and the shared tile scratch.
+struct FwdBufs {
+  std::vector<FwdState> st;
+  FwdScratch sc;
+};
+
 struct FwdPlan {
   int64_t G, Dhp, Bq, nqb, rows_max, S, kt_max;
 };
 
-// One forward item: batch b, kv head hk, query block qb, key tiles [t0, t1). Leaves the unnormalised
-// state in w.o / w.m / w.l for rows [0, nrows); returns nrows.
-int64_t fwd_block(const AttentionParams& p, const FwdPlan& pl, FwdBufs& w, int64_t b, int64_t hk, int64_t qb,
-                  int64_t t0, int64_t t1) {
+// Starts (b, hk, query block qb): packs scale * q, resets m, l, O. Returns the number of rows.
+int64_t fwd_begin(const AttentionParams& p, const FwdPlan& pl, FwdState& w, int64_t b, int64_t hk, int64_t qb) {
   const int64_t G = pl.G, Dh = p.Dh, Dhp = pl.Dhp;
   const int64_t i0 = qb * pl.Bq, i1 = std::min(p.Tq, i0 + pl.Bq);
   const int64_t nrows = (i1 - i0) * G;
-  const int64_t pos0 = p.Tk - p.Tq + i0;  // position of the block's first query
-  const int64_t kend = p.Tk - p.Tq + i1;  // keys [0, kend) are visible to some row
   for (int64_t r = 0; r < nrows; r++) {
     const float* src = p.q + ((b * p.Tq + i0 + r / G) * p.H + hk * G + r % G) * Dh;  // [Dh]
     copy_scaled_pad(w.qs.data() + r * Dhp, src, p.scale, Dh, Dhp);
@@ -296,17 +310,29 @@ int64_t fwd_block(const AttentionParams& p, const FwdPlan& pl, FwdBufs& w, int64
     w.l[size_t(r)] = 0.f;
   }
   std::fill(w.o.begin(), w.o.begin() + nrows * Dhp, 0.f);
-  const bool few = nrows <= 4;  // too few rows for the packed K^T tile to pay off
-  for (int64_t kt = t0; kt < t1; kt++) {
+  return nrows;
+}
+
+// Adds key tile kt to the state of (b, hk, qb). Returns false when no row of the block sees the tile
+// (nor any later one).
+bool fwd_tile(const AttentionParams& p, const FwdPlan& pl, FwdState& w, FwdScratch& sc, int64_t b, int64_t hk,
+              int64_t qb, int64_t kt) {
+  const int64_t G = pl.G, Dh = p.Dh, Dhp = pl.Dhp;
+  const int64_t i0 = qb * pl.Bq, i1 = std::min(p.Tq, i0 + pl.Bq);
+  const int64_t nrows = (i1 - i0) * G;
+  const int64_t pos0 = p.Tk - p.Tq + i0;  // position of the block's first query
+  const int64_t kend = p.Tk - p.Tq + i1;  // keys [0, kend) are visible to some row
+  const bool few = nrows <= 4;            // too few rows for the packed K^T tile to pay off
+  {
     const int64_t j0 = kt * kBk;
-    if (j0 >= kend) break;
+    if (j0 >= kend) return false;
     const int64_t nk = std::min(kBk, kend - j0), nkp = round_up(nk, 2 * W);
     const int64_t r0 = std::max<int64_t>(0, (j0 - pos0) * G);  // first row that sees key j0
-    if (r0 >= nrows) break;
+    if (r0 >= nrows) return false;
     const int64_t lds = p.Hkv * Dh;                           // floats between positions in k, v
     const float* kb = p.k + ((b * p.Tcap + j0) * p.Hkv + hk) * Dh;  // key j at kb + j * lds
     const float* vb = p.v + ((b * p.Tcap + j0) * p.Hkv + hk) * Dh;
-    float* S = w.s.data();  // [rows, kBk]
+    float* S = sc.s.data();  // [rows, kBk]
     // Visible keys of row r0 + x: nv(x) = min(nk, pos0 + (r0 + x) / G - j0 + 1) >= 1.
     auto nv_of = [&](int64_t x) { return std::min(nk, pos0 + (r0 + x) / G - j0 + 1); };
     if (few) {  // decode: dot products straight from the cache, no packing
@@ -321,15 +347,15 @@ int64_t fwd_block(const AttentionParams& p, const FwdPlan& pl, FwdBufs& w, int64
         for (int64_t r = r0; r < nrows; r++) S[r * kBk + j] = dot(w.qs.data() + r * Dhp, kb + j * lds, Dh);
       }
     } else {
-      pack_kt(w.kt.data(), p.k, b, hk, j0, nk, nkp, p.Tcap, p.Hkv, Dh);
-      gemm_abt(w.qs.data() + r0 * Dhp, Dhp, w.kt.data(), kBk, Dh, S + r0 * kBk, kBk, nrows - r0, nv_of);
+      pack_kt(sc.kt.data(), p.k, b, hk, j0, nk, nkp, p.Tcap, p.Hkv, Dh);
+      gemm_abt(w.qs.data() + r0 * Dhp, Dhp, sc.kt.data(), kBk, Dh, S + r0 * kBk, kBk, nrows - r0, nv_of);
     }
     // V rows are read in place when whole vectors fit them (Dh % W == 0), else packed (padded).
     const float* X = vb;
     int64_t ldx = lds;
     if (Dh % W != 0) {
-      pack_rows(w.vp.data(), p.v, 1.f, b, hk, j0, nk, p.Tcap, p.Hkv, Dh, Dhp);
-      X = w.vp.data(), ldx = Dhp;
+      pack_rows(sc.vp.data(), p.v, 1.f, b, hk, j0, nk, p.Tcap, p.Hkv, Dh, Dhp);
+      X = sc.vp.data(), ldx = Dhp;
     }
     for (int64_t r = r0; r < nrows; r++) {
       float* s = S + r * kBk;  // [kBk]
@@ -367,7 +393,7 @@ int64_t fwd_block(const AttentionParams& p, const FwdPlan& pl, FwdBufs& w, int64
     gemm_px(S + r0 * kBk, kBk, 1, X, ldx, w.o.data() + r0 * Dhp, Dhp, nrows - r0, Dhp,
             [&](int64_t, int64_t last, int64_t& k0, int64_t& k1) { k0 = 0, k1 = nv_of(last); });
   }
-  return nrows;
+  return true;
 }
 
 // Writes the normalised rows of block (b, hk, qb) from O [rows, Dhp], m, l.
@@ -391,50 +417,69 @@ void attention_forward(const AttentionParams& p) {
   pl.rows_max = pl.Bq * pl.G;
   pl.kt_max = cdiv(p.Tk, kBk);
   const int nth = num_threads();
-  const int64_t items0 = p.B * p.Hkv * pl.nqb;
+  // Decode (one query block of few rows): an item walks all kv heads of each key tile, so the cache
+  // [Tcap, Hkv, Dh] is read contiguously instead of one Dh slice every Hkv * Dh floats.
+  const int64_t NH = (pl.nqb == 1 && pl.rows_max <= 16) ? p.Hkv : 1;  // kv heads per item
+  const int64_t ngroups = p.B * (p.Hkv / NH);                         // (b, head group) pairs
+  const int64_t items0 = ngroups * pl.nqb;
+  const int64_t nslots = p.B * p.Hkv * pl.nqb;  // (b, hk, qb) outputs
   pl.S = 1;
   if (items0 < 2 * int64_t(nth))  // too few items for the threads: split the keys (decode)
     pl.S = std::max<int64_t>(1, std::min<int64_t>(cdiv(4 * int64_t(nth), items0), pl.kt_max / 4));
   const int64_t Dhp = pl.Dhp, rows = pl.rows_max, S = pl.S;
 
-  // Partial states of split items: [items0, S, rows, Dhp], [items0, S, rows] x 2.
+  // Partial states of split items: [nslots, S, rows, Dhp], [nslots, S, rows] x 2.
   std::vector<float> part_o, part_m, part_l;
   if (S > 1) {
-    part_o.assign(size_t(items0 * S * rows * Dhp), 0.f);
-    part_m.assign(size_t(items0 * S * rows), kNegInf);
-    part_l.assign(size_t(items0 * S * rows), 0.f);
+    part_o.assign(size_t(nslots * S * rows * Dhp), 0.f);
+    part_m.assign(size_t(nslots * S * rows), kNegInf);
+    part_l.assign(size_t(nslots * S * rows), 0.f);
   }
-  // Item order. Many (b, hk) groups: group by group, so one thread's consecutive query blocks reuse
-  // the group's K/V from its cache; the dynamic hand-out balances the groups. Few groups: largest
-  // items (last query blocks, most keys) first, across groups, for balance. Splits innermost.
-  const bool by_group = p.B * p.Hkv >= 4 * int64_t(nth);
+  // Item order. Many groups: group by group, so one thread's consecutive query blocks reuse the
+  // group's K/V from its cache; the dynamic hand-out balances the groups. Few groups: largest items
+  // (last query blocks, most keys) first, across groups, for balance. Splits innermost.
+  const bool by_group = ngroups >= 4 * int64_t(nth);
+  const int64_t nhg = p.Hkv / NH;  // head groups per sequence
   run_dynamic<FwdBufs>(items0 * S, [&](int64_t it, FwdBufs& w) {
-    w.init(rows, p.Dh, Dhp);
+    if (w.st.empty()) {
+      w.st.resize(size_t(NH));
+      for (auto& st : w.st) st.init(rows, Dhp);
+      w.sc.init(rows, p.Dh, Dhp);
+    }
     const int64_t s = it % S, bh = it / S;
-    int64_t hk, b, qb;
+    int64_t hg, b, qb;
     if (by_group) {
-      qb = pl.nqb - 1 - bh % pl.nqb, hk = (bh / pl.nqb) % p.Hkv, b = bh / (pl.nqb * p.Hkv);
+      qb = pl.nqb - 1 - bh % pl.nqb, hg = (bh / pl.nqb) % nhg, b = bh / (pl.nqb * nhg);
     } else {
-      hk = bh % p.Hkv, b = (bh / p.Hkv) % p.B, qb = pl.nqb - 1 - bh / (p.Hkv * p.B);
+      hg = bh % nhg, b = (bh / nhg) % p.B, qb = pl.nqb - 1 - bh / (nhg * p.B);
     }
     const int64_t i1 = std::min(p.Tq, (qb + 1) * pl.Bq);
     const int64_t ntiles = cdiv(p.Tk - p.Tq + i1, kBk);
     const int64_t t0 = ntiles * s / S, t1 = ntiles * (s + 1) / S;
-    const int64_t nrows = fwd_block(p, pl, w, b, hk, qb, t0, t1);
-    if (S == 1) {
-      fwd_store(p, pl, w.o.data(), w.m.data(), w.l.data(), b, hk, qb, nrows);
-    } else {
-      const int64_t slot = (b * p.Hkv + hk) * pl.nqb + qb;
-      float* po = part_o.data() + (slot * S + s) * rows * Dhp;
-      std::copy(w.o.begin(), w.o.begin() + nrows * Dhp, po);
-      std::copy(w.m.begin(), w.m.begin() + nrows, part_m.begin() + (slot * S + s) * rows);
-      std::copy(w.l.begin(), w.l.begin() + nrows, part_l.begin() + (slot * S + s) * rows);
+    int64_t nrows = 0;
+    for (int64_t x = 0; x < NH; x++) nrows = fwd_begin(p, pl, w.st[size_t(x)], b, hg * NH + x, qb);
+    for (int64_t kt = t0; kt < t1; kt++) {
+      bool more = false;  // the same for every head of the item (same rows and keys)
+      for (int64_t x = 0; x < NH; x++) more = fwd_tile(p, pl, w.st[size_t(x)], w.sc, b, hg * NH + x, qb, kt);
+      if (!more) break;
+    }
+    for (int64_t x = 0; x < NH; x++) {
+      const FwdState& st = w.st[size_t(x)];
+      const int64_t hk = hg * NH + x;
+      if (S == 1) {
+        fwd_store(p, pl, st.o.data(), st.m.data(), st.l.data(), b, hk, qb, nrows);
+      } else {
+        const int64_t slot = (b * p.Hkv + hk) * pl.nqb + qb;
+        std::copy(st.o.begin(), st.o.begin() + nrows * Dhp, part_o.begin() + (slot * S + s) * rows * Dhp);
+        std::copy(st.m.begin(), st.m.begin() + nrows, part_m.begin() + (slot * S + s) * rows);
+        std::copy(st.l.begin(), st.l.begin() + nrows, part_l.begin() + (slot * S + s) * rows);
+      }
     }
   });
   if (S == 1) return;
   // Combine the splits: M = max m_s, L = sum l_s e^(m_s - M), O = sum O_s e^(m_s - M). A split that saw
   // no key of a row has l = 0, m = -inf, O = 0 and weighs 0. Split 0 always holds key 0.
-  parallel_for(items0, 1, [&](int64_t i0, int64_t i1, int) {
+  parallel_for(nslots, 1, [&](int64_t i0, int64_t i1, int) {
     std::vector<float> o(static_cast<size_t>(rows * Dhp)), m(static_cast<size_t>(rows)), l(static_cast<size_t>(rows));
     for (int64_t slot = i0; slot < i1; slot++) {
       const int64_t qb = slot % pl.nqb, hk = (slot / pl.nqb) % p.Hkv, b = slot / (pl.nqb * p.Hkv);

@@ -74,13 +74,14 @@ const train: [number, number, number, number, number][] = [
   [1, 450, 2, 2, 128], // backward: more key blocks than one key chunk holds
   [2, 70, 8, 1, 12], // groups of 8 query heads per kv head
 ];
-// KV-cache shapes: Tq < Tk < Tcap; the 3rd and 4th split the keys (few work items, many keys).
+// KV-cache shapes: Tq < Tk < Tcap; the 3rd, 4th and last split the keys (few items, many keys).
 const cached: Case[] = [
   { B: 2, Tq: 1, Tk: 37, Tcap: 50, H: 4, Hkv: 2, Dh: 8 },
   { B: 1, Tq: 5, Tk: 130, Tcap: 140, H: 6, Hkv: 3, Dh: 17 },
   { B: 1, Tq: 1, Tk: 1000, Tcap: 1024, H: 1, Hkv: 1, Dh: 24 },
   { B: 1, Tq: 3, Tk: 700, Tcap: 701, H: 4, Hkv: 1, Dh: 16 },
   { B: 2, Tq: 3, Tk: 70, Tcap: 75, H: 72, Hkv: 1, Dh: 4 }, // group wider than a query block
+  { B: 1, Tq: 1, Tk: 600, Tcap: 610, H: 8, Hkv: 4, Dh: 32 }, // kv heads walked together, split keys
 ];
 const trainCase = ([B, T, H, Hkv, Dh]: number[]): Case => ({ B, Tq: T, Tk: T, Tcap: T, H, Hkv, Dh });
 const name = (c: Case) => `B${c.B} Tq${c.Tq} Tk${c.Tk} Tcap${c.Tcap} H${c.H}/${c.Hkv} Dh${c.Dh}`;
