@@ -33,8 +33,11 @@
 //   avx512: 14 x 32 (28 zmm accumulators), the same code with W = 16; KC = 128 keeps the 32-wide B
 //           sliver at 16 KiB, MC = 224. Cannot run on the development machine: untuned.
 //   scalar: 4 x 4 plain blocked kernel (W = 1): correct, not fast.
-// Result on Zen 3 (AVX2): within a few % of OpenBLAS 0.3.21 sgemm on the training shapes
-// (M = 4096, N, K in 256..2048, NT / NN / TN), 1 and 2 threads.
+// Result on Zen 3 (AVX2), training shapes M = 4096, N, K in 256..2048, NT / NN / TN, against OpenBLAS
+// 0.3.21 sgemm in the same process: median ratio 0.99 at 1 thread (range 0.84-1.18), about 1.0 at
+// 2 threads (too noisy on the shared machine to say more). Weakest: N = 2048 with K >= 512 (0.84-0.90
+// at 1 thread), where each 16 KiB B sliver comes from L3; prefetching the next sliver or an
+// L2-sized NC are the untried leads.
 //
 // Small M (M <= 16, decode and GEMV-like shapes) skips packing A: with transB each C element is a
 // dot product of two contiguous rows (A row, B row), computed 2 x 4 at a time with vectors along K;

@@ -33,6 +33,12 @@
 #endif
 #elif BTS_ISA_LEVEL == 3
 #define BTS_ISA avx512
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's AVX-512 headers build some intrinsics on _mm512_undefined_ps(), a false positive of
+// -W(maybe-)uninitialized in every kernel using them.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c,bmi2"))), apply_to = function)
 #else
