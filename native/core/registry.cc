@@ -6,8 +6,15 @@
 
 namespace bts {
 
-// One line per op file in native/ops/. (Weak while the op set is being built up; see BTS_OPS_WEAK.)
+// One line per op file in native/ops/. Weak only in filtered builds (CMake -DBTS_ONLY_OPS=..., for
+// working on one op); a normal build fails to link if an op file is missing.
+#ifdef BTS_ONLY_OPS_BUILD
 #define BTS_OPS_WEAK __attribute__((weak))
+#define BTS_IF_PRESENT(f) if (f)
+#else
+#define BTS_OPS_WEAK
+#define BTS_IF_PRESENT(f)
+#endif
 BTS_OPS_WEAK void register_gemm(std::vector<OpDef>& out);
 BTS_OPS_WEAK void register_attention(std::vector<OpDef>& out);
 BTS_OPS_WEAK void register_rmsnorm(std::vector<OpDef>& out);
@@ -21,15 +28,15 @@ BTS_OPS_WEAK void register_stitch(std::vector<OpDef>& out);
 const std::vector<OpDef>& op_registry() {
   static const std::vector<OpDef> ops = [] {
     std::vector<OpDef> v;
-    if (register_gemm) register_gemm(v);
-    if (register_attention) register_attention(v);
-    if (register_rmsnorm) register_rmsnorm(v);
-    if (register_rope) register_rope(v);
-    if (register_swiglu) register_swiglu(v);
-    if (register_embedding) register_embedding(v);
-    if (register_cross_entropy) register_cross_entropy(v);
-    if (register_adamw) register_adamw(v);
-    if (register_stitch) register_stitch(v);
+    BTS_IF_PRESENT(register_gemm) register_gemm(v);
+    BTS_IF_PRESENT(register_attention) register_attention(v);
+    BTS_IF_PRESENT(register_rmsnorm) register_rmsnorm(v);
+    BTS_IF_PRESENT(register_rope) register_rope(v);
+    BTS_IF_PRESENT(register_swiglu) register_swiglu(v);
+    BTS_IF_PRESENT(register_embedding) register_embedding(v);
+    BTS_IF_PRESENT(register_cross_entropy) register_cross_entropy(v);
+    BTS_IF_PRESENT(register_adamw) register_adamw(v);
+    BTS_IF_PRESENT(register_stitch) register_stitch(v);
     return v;
   }();
   return ops;
