@@ -11,6 +11,7 @@
  */
 import { ArgumentError, ShapeError } from '../errors.js';
 import { bf16, defineOp, f32, num } from './core.js';
+import { bf16ToF32, f32ToBf16 } from '../formats/safetensors.js';
 
 export interface GemmArgs<B> {
   /** op(a) is [m, k]: `a` is [m, k] (row stride `lda`), or [k, m] when `transA`. */
@@ -114,30 +115,16 @@ export const gemmBf16 = gemmBf16Op.sync;
 /** bf16-weight GEMM, async. */
 export const gemmBf16Async = gemmBf16Op.async;
 
-const f32view = new Float32Array(1);
-const u32view = new Uint32Array(f32view.buffer);
 
 /**
  * fp32 -> bf16 bit patterns, round-to-nearest-even, NaN kept (quiet), as torch's `.to(bfloat16)` and
  * the native `f32_to_bf16`.
  */
 export function toBf16(x: Float32Array): Uint16Array {
-  f32('toBf16', 'x', x);
-  const out = new Uint16Array(x.length);
-  for (let i = 0; i < x.length; i++) {
-    f32view[0] = x[i];
-    const u = u32view[0];
-    if ((u & 0x7fffffff) > 0x7f800000) out[i] = (u >>> 16) | 0x40;
-    else out[i] = ((u + 0x7fff + ((u >>> 16) & 1)) >>> 16) & 0xffff;
-  }
-  return out;
+  return f32ToBf16(f32('toBf16', 'x', x));
 }
 
 /** bf16 bit patterns -> fp32 (exact). */
 export function fromBf16(x: Uint16Array): Float32Array {
-  bf16('fromBf16', 'x', x);
-  const out = new Float32Array(x.length);
-  const bits = new Uint32Array(out.buffer);
-  for (let i = 0; i < x.length; i++) bits[i] = x[i] << 16;
-  return out;
+  return bf16ToF32(bf16('fromBf16', 'x', x));
 }
