@@ -35,10 +35,12 @@ describe('package', () => {
         expect(files).toContain('binding.gyp');
         expect(files.some((f) => f.startsWith('test/') || f.startsWith('build/'))).toBe(false);
 
-        // A PATH with node and nothing else: no cc, g++, make, python3.
+        // A PATH with node and sh (npm runs install scripts with sh) and nothing else: no cc, g++,
+        // make or python3, so only a working prebuild can satisfy the install script.
         const bin = join(work, 'bin');
         mkdirSync(bin);
         symlinkSync(process.execPath, join(bin, 'node'));
+        symlinkSync('/bin/sh', join(bin, 'sh'));
         const app = join(work, 'app');
         mkdirSync(app);
         writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'app', version: '1.0.0', type: 'module', private: true }));

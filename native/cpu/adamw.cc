@@ -9,7 +9,6 @@
 // double) folded into two constants. The decayed range [0, n_decay) and the rest run the same loop with
 // the decay coefficient set to 0 for the second, so there is no per-element branch.
 // Legend: n elements.
-#include <vector>
 
 #include "bts/ops.h"
 #include "bts/threadpool.h"
@@ -96,7 +95,7 @@ void adamw_step(const AdamWParams& a) {
   double clip = 1.0;
   if (a.max_grad_norm > 0 || a.grad_norm) {
     const int T = num_threads();
-    std::vector<double> part(size_t(T), 0.0);
+    Buffer<double> part(size_t(T), 0.0);
     parallel_for(n, grain, [&](int64_t i0, int64_t i1, int t) { part[size_t(t)] += sum_squares(a.g + i0, i1 - i0); });
     double ss = 0;
     for (int t = 0; t < T; t++) ss += part[size_t(t)];

@@ -42,7 +42,6 @@
 // against O(rows kBk Dh) arithmetic); the two-pass backward repacks the query side per key block.
 #include <atomic>
 #include <limits>
-#include <vector>
 
 #include "bts/ops.h"
 #include "bts/threadpool.h"
@@ -266,7 +265,7 @@ void run_dynamic(int64_t n, F&& fn) {
 
 // Online-softmax state of one (b, hk, query block): qs = scale q [rows, Dhp], O [rows, Dhp], m, l [rows].
 struct FwdState {
-  std::vector<float> qs, o, m, l;
+  Buffer<float> qs, o, m, l;
   void init(int64_t rows, int64_t Dhp) {
     if (!qs.empty()) return;
     qs.assign(size_t(rows * Dhp), 0.f);
@@ -278,7 +277,7 @@ struct FwdState {
 
 // Per-tile scratch: kT [Dh, kBk], packed V [kBk, Dhp], scores / P [rows, kBk].
 struct FwdScratch {
-  std::vector<float> kt, vp, s;
+  Buffer<float> kt, vp, s;
   void init(int64_t rows, int64_t Dh, int64_t Dhp) {
     if (!s.empty()) return;
     kt.assign(size_t(Dh * kBk), 0.f);
@@ -290,7 +289,7 @@ struct FwdScratch {
 // Thread state of the forward: one FwdState per kv head handled at once (1, or Hkv when the heads of
 // a position are walked together), and the shared tile scratch.
 struct FwdBufs {
-  std::vector<FwdState> st;
+  Buffer<FwdState> st;
   FwdScratch sc;
 };
 
@@ -309,7 +308,7 @@ int64_t fwd_begin(const AttentionParams& p, const FwdPlan& pl, FwdState& w, int6
     w.m[size_t(r)] = kNegInf;
     w.l[size_t(r)] = 0.f;
   }
-  std::fill(w.o.begin(), w.o.begin() + nrows * Dhp, 0.f);
+  fill(w.o.begin(), w.o.begin() + nrows * Dhp, 0.f);
   return nrows;
 }
 
@@ -429,7 +428,7 @@ void attention_forward(const AttentionParams& p) {
   const int64_t Dhp = pl.Dhp, rows = pl.rows_max, S = pl.S;
 
   // Partial states of split items: [nslots, S, rows, Dhp], [nslots, S, rows] x 2.
-  std::vector<float> part_o, part_m, part_l;
+  Buffer<float> part_o, part_m, part_l;
   if (S > 1) {
     part_o.assign(size_t(nslots * S * rows * Dhp), 0.f);
     part_m.assign(size_t(nslots * S * rows), kNegInf);
@@ -470,9 +469,9 @@ void attention_forward(const AttentionParams& p) {
         fwd_store(p, pl, st.o.data(), st.m.data(), st.l.data(), b, hk, qb, nrows);
       } else {
         const int64_t slot = (b * p.Hkv + hk) * pl.nqb + qb;
-        std::copy(st.o.begin(), st.o.begin() + nrows * Dhp, part_o.begin() + (slot * S + s) * rows * Dhp);
-        std::copy(st.m.begin(), st.m.begin() + nrows, part_m.begin() + (slot * S + s) * rows);
-        std::copy(st.l.begin(), st.l.begin() + nrows, part_l.begin() + (slot * S + s) * rows);
+        copy(st.o.begin(), st.o.begin() + nrows * Dhp, part_o.begin() + (slot * S + s) * rows * Dhp);
+        copy(st.m.begin(), st.m.begin() + nrows, part_m.begin() + (slot * S + s) * rows);
+        copy(st.l.begin(), st.l.begin() + nrows, part_l.begin() + (slot * S + s) * rows);
       }
     }
   });
@@ -480,7 +479,7 @@ void attention_forward(const AttentionParams& p) {
   // Combine the splits: M = max m_s, L = sum l_s e^(m_s - M), O = sum O_s e^(m_s - M). A split that saw
   // no key of a row has l = 0, m = -inf, O = 0 and weighs 0. Split 0 always holds key 0.
   parallel_for(nslots, 1, [&](int64_t i0, int64_t i1, int) {
-    std::vector<float> o(static_cast<size_t>(rows * Dhp)), m(static_cast<size_t>(rows)), l(static_cast<size_t>(rows));
+    Buffer<float> o(static_cast<size_t>(rows * Dhp)), m(static_cast<size_t>(rows)), l(static_cast<size_t>(rows));
     for (int64_t slot = i0; slot < i1; slot++) {
       const int64_t qb = slot % pl.nqb, hk = (slot / pl.nqb) % p.Hkv, b = slot / (pl.nqb * p.Hkv);
       const int64_t nrows = (std::min(p.Tq, (qb + 1) * pl.Bq) - qb * pl.Bq) * pl.G;
@@ -489,7 +488,7 @@ void attention_forward(const AttentionParams& p) {
         for (int64_t s = 0; s < S; s++) M = std::max(M, part_m[size_t((slot * S + s) * rows + r)]);
         float L = 0.f;
         float* orow = o.data() + r * Dhp;
-        std::fill(orow, orow + Dhp, 0.f);
+        fill(orow, orow + Dhp, 0.f);
         for (int64_t s = 0; s < S; s++) {
           const size_t k = size_t((slot * S + s) * rows + r);
           if (part_l[k] == 0.f) continue;
@@ -515,11 +514,11 @@ constexpr int64_t kKeyChunkFloats = int64_t(1) << 18;  // key-side buffers of on
 
 struct BwdBufs {
   // Query side (one query block of one head): qs = scale q, dO, lse, Di, dQ accumulator.
-  std::vector<float> qs, dO, lse, di, dq;
+  Buffer<float> qs, dO, lse, di, dq;
   // Key side of a chunk of KC key blocks of one kv head (slot x = block kc0 + x): kT, vT transposed
   // [KC, Dh, kBk]; ks = scale k, and the dK/dV accumulators, [KC * kBk, Dhp].
-  std::vector<float> kt, vt, ks, dk, dv;
-  std::vector<float> s, dp;  // [kBq, kBk] P and dS tiles
+  Buffer<float> kt, vt, ks, dk, dv;
+  Buffer<float> s, dp;  // [kBq, kBk] P and dS tiles
   void init(int64_t Dh, int64_t Dhp, int64_t KC) {
     if (!qs.empty()) return;
     qs.assign(size_t(kBq * Dhp), 0.f);
@@ -632,14 +631,14 @@ void bwd_group(const BwdCtx& c, BwdBufs& w, int64_t b, int64_t hk, int64_t KC) {
     const int64_t kc1 = std::min(c.nb, kc0 + KC);
     int64_t nk[64];  // keys per block of the chunk (KC <= 64)
     for (int64_t kb = kc0; kb < kc1; kb++) nk[kb - kc0] = pack_k(c, w, b, hk, kb, kb - kc0, true);
-    std::fill(w.dk.begin(), w.dk.begin() + (kc1 - kc0) * kBk * Dhp, 0.f);
-    std::fill(w.dv.begin(), w.dv.begin() + (kc1 - kc0) * kBk * Dhp, 0.f);
+    fill(w.dk.begin(), w.dk.begin() + (kc1 - kc0) * kBk * Dhp, 0.f);
+    fill(w.dv.begin(), w.dv.begin() + (kc1 - kc0) * kBk * Dhp, 0.f);
     for (int64_t g = 0; g < c.G; g++) {
       const int64_t h = hk * c.G + g;
       for (int64_t qb = kc0; qb < c.nb; qb++) {  // kBq == kBk: earlier query blocks see none of the chunk
         const int64_t nq = pack_q(c, w, b, h, qb), i0 = qb * kBq;
         if (kc0 == 0)
-          std::fill(w.dq.begin(), w.dq.end(), 0.f);
+          fill(w.dq.begin(), w.dq.end(), 0.f);
         else
           for (int64_t r = 0; r < nq; r++)
             copy_scaled_pad(w.dq.data() + r * Dhp, p.dq + ((b * p.T + i0 + r) * p.H + h) * p.Dh, 1.f, p.Dh, Dhp);
@@ -661,7 +660,7 @@ void bwd_group(const BwdCtx& c, BwdBufs& w, int64_t b, int64_t hk, int64_t KC) {
 void attention_backward(const AttentionBackwardParams& p) {
   const int64_t B = p.B, T = p.T, H = p.H, Hkv = p.Hkv, Dh = p.Dh;
   const int nth = num_threads();
-  std::vector<float> D(static_cast<size_t>(B * H * T));  // [B, H, T]
+  Buffer<float> D(static_cast<size_t>(B * H * T));  // [B, H, T]
   parallel_for(B * T, std::max<int64_t>(1, 8192 / (H * Dh)), [&](int64_t n0, int64_t n1, int) {
     for (int64_t n = n0; n < n1; n++) {
       const int64_t b = n / T, t = n % T;
@@ -688,8 +687,8 @@ void attention_backward(const AttentionBackwardParams& p) {
     w.init(Dh, c.Dhp, 1);
     const int64_t kb = it / (B * Hkv), b = (it / Hkv) % B, hk = it % Hkv;
     const int64_t nk = pack_k(c, w, b, hk, kb, 0, false);
-    std::fill(w.dk.begin(), w.dk.end(), 0.f);
-    std::fill(w.dv.begin(), w.dv.end(), 0.f);
+    fill(w.dk.begin(), w.dk.end(), 0.f);
+    fill(w.dv.begin(), w.dv.end(), 0.f);
     for (int64_t g = 0; g < c.G; g++)
       for (int64_t qb = kb; qb < c.nb; qb++) {
         const int64_t nq = pack_q(c, w, b, hk * c.G + g, qb);
@@ -703,7 +702,7 @@ void attention_backward(const AttentionBackwardParams& p) {
     w.init(Dh, c.Dhp, 1);
     const int64_t qb = c.nb - 1 - it / (B * H), b = (it / H) % B, h = it % H, hk = h / c.G;
     const int64_t nq = pack_q(c, w, b, h, qb), i0 = qb * kBq;
-    std::fill(w.dq.begin(), w.dq.end(), 0.f);
+    fill(w.dq.begin(), w.dq.end(), 0.f);
     for (int64_t kb = 0; kb <= qb; kb++) {
       const int64_t nk = pack_k(c, w, b, hk, kb, 0, true);
       bwd_tile(c, w, i0, nq, kb * kBk, nk, 0, false, true);

@@ -19,7 +19,6 @@
 // split over rows with parallel_for. Everything is deterministic for a given thread count. Rows whose
 // target is ignore_index get loss 0 and an all-zero dL row (so dx row 0, no dW contribution); a block
 // with no counted row skips its GEMMs. Legend: N rows, D width, V vocab.
-#include <vector>
 
 #include "bts/ops.h"
 #include "bts/threadpool.h"
@@ -139,10 +138,10 @@ void cross_entropy_forward_backward(const CrossEntropyParams& p) {
   const int64_t nchunks = (V + Vc - 1) / Vc;
   const bool fused = bwd && nchunks == 1;  // gradient formed in pass 1, no recompute
 
-  std::vector<float> L(size_t(Nb) * size_t(Vc));  // [Nb, Vc] logits / dlogits of one (block, chunk)
+  Buffer<float> L(size_t(Nb) * size_t(Vc));  // [Nb, Vc] logits / dlogits of one (block, chunk)
   const size_t nbs = static_cast<size_t>(Nb);
-  std::vector<float> rmax(nbs), tlogit(nbs), lse(nbs);  // [Nb] running max, target logit, log-sum-exp
-  std::vector<double> rsum(nbs);                        // [Nb] running sum of exp(l - rmax)
+  Buffer<float> rmax(nbs), tlogit(nbs), lse(nbs);  // [Nb] running max, target logit, log-sum-exp
+  Buffer<double> rsum(nbs);                        // [Nb] running sum of exp(l - rmax)
   double loss_sum = 0;
   int64_t count = 0;
 
@@ -154,8 +153,8 @@ void cross_entropy_forward_backward(const CrossEntropyParams& p) {
     int64_t live = 0;
     for (int64_t i = 0; i < nb; i++) live += tb[i] != p.ignore_index;
     if (live == 0) {
-      if (p.losses) std::fill(p.losses + r0, p.losses + r0 + nb, 0.f);
-      if (bwd) std::fill(dxb, dxb + nb * D, 0.f);
+      if (p.losses) fill(p.losses + r0, p.losses + r0 + nb, 0.f);
+      if (bwd) fill(dxb, dxb + nb * D, 0.f);
       continue;
     }
 
@@ -168,7 +167,7 @@ void cross_entropy_forward_backward(const CrossEntropyParams& p) {
           float* l = L.data() + i * vc;  // [vc]
           const int32_t t = tb[i];
           if (t == p.ignore_index) {
-            if (fused) std::fill(l, l + vc, 0.f);
+            if (fused) fill(l, l + vc, 0.f);
             continue;
           }
           if (t >= c0 && t < c0 + vc) tlogit[size_t(i)] = l[t - c0];
@@ -213,7 +212,7 @@ void cross_entropy_forward_backward(const CrossEntropyParams& p) {
             float* l = L.data() + i * vc;
             const int32_t t = tb[i];
             if (t == p.ignore_index) {
-              std::fill(l, l + vc, 0.f);
+              fill(l, l + vc, 0.f);
               continue;
             }
             exp_scale_row(l, vc, lse[size_t(i)], gs);

@@ -10,7 +10,6 @@
 // memory traffic is the same as a serial pass. Limit: with D smaller than about 2 vector widths there
 // is nothing to split and the backward runs on one thread (it is tiny then anyway).
 // Legend: N rows (tokens), V vocab, D width.
-#include <vector>
 
 #include "bts/ops.h"
 #include "bts/threadpool.h"

@@ -52,7 +52,6 @@
 #include <memory>
 #include <thread>
 #include <type_traits>
-#include <vector>
 
 #include "bts/cpu.h"
 #include "bts/ops.h"
@@ -105,7 +104,7 @@ struct Workspace {
       std::free(p);
       n = 0;
       p = static_cast<float*>(std::aligned_alloc(64, ((need * sizeof(float) + 63) / 64) * 64));
-      if (!p) throw Error("E_NO_MEMORY", "gemm: out of memory for packing buffers");
+      if (!p) throw_error("E_OUT_OF_MEMORY", "gemm: out of memory for packing buffers");
       n = need;
     }
     return p;
@@ -436,7 +435,7 @@ void gemm_blocked(const Problem<TB>& p) {
   const int64_t max_slivers = ceil_div(nc_max, NR);
   const int64_t parts = n_ic >= 4 * want ? 1 : std::min<int64_t>(max_slivers, ceil_div(4 * want, n_ic));
   const int64_t units = n_ic * parts;
-  std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[size_t(n_jc * n_pc)]);
+  Buffer<std::atomic<int64_t>> next(size_t(n_jc * n_pc));
   for (int64_t i = 0; i < n_jc * n_pc; i++) next[i].store(0, std::memory_order_relaxed);
   SpinBarrier barrier;
 
@@ -535,7 +534,7 @@ void gemm_small_nt(const Problem<TB>& p) {
   const int64_t M = p.M, N = p.N, K = p.K;
   const float* A = p.A;
   int64_t lda = p.lda;
-  std::vector<float> at;
+  Buffer<float> at;
   if (p.transA) {  // A stored [K, M]: make the M rows contiguous first (M*K is small here)
     at.resize(size_t(M * K));
     for (int64_t k = 0; k < K; k++)
@@ -645,7 +644,7 @@ void gemm_small_nn_stream(const Problem<TB>& p) {
     for (int64_t ch = c0; ch < c1; ch++) {
       const int64_t n0 = ch * CH, nn = std::min(CH, N - n0);
       const int64_t nv = nn / W * W;
-      std::fill(acc, acc + M * CH, 0.f);
+      fill(acc, acc + M * CH, 0.f);
       for (int64_t k = 0; k < K; k++) {
         const TB* b = p.B + k * p.ldb + n0;
         for (int64_t m = 0; m < M; m++) {

@@ -8,6 +8,12 @@
 // per-file -m flags). Everything defined in between lives in namespace bts::cpu::BTS_ISA, which
 // differs per level, so the three copies link side by side; native/core/dispatch.cc picks one at run
 // time. Include the standard headers you need BEFORE this header.
+//
+// What the pragma does NOT cover: a template instantiated inside the region (std::vector<float>,
+// std::fill, std::string for an exception message...) is compiled with the region's instructions
+// under a symbol that every copy of the file shares, so the linker may keep the AVX-512 one. Kernel
+// code therefore uses Buffer/fill/copy from simd.h (per-level symbols) and bts::throw_error;
+// test/build.test.ts fails on any global symbol an ISA object defines outside its namespace.
 #ifndef BTS_ISA_LEVEL
 #error "compile native/cpu/*.cc with -DBTS_ISA_LEVEL=1 (scalar), 2 (avx2) or 3 (avx512)"
 #endif

@@ -3,7 +3,6 @@
 // Forward: one pass for sum(x^2), one for y. Backward: dx per row in two passes; dw needs a sum over
 // rows, so each thread accumulates into its own [D] partial and the partials are added in thread
 // order at the end (deterministic for a given thread count). Legend: N rows, D width.
-#include <vector>
 
 #include "bts/ops.h"
 #include "bts/threadpool.h"
@@ -47,7 +46,7 @@ void rmsnorm_forward(const RmsNormParams& p) {
 void rmsnorm_backward(const RmsNormBackwardParams& p) {
   const int64_t D = p.D;
   const int T = num_threads();
-  std::vector<float> dw_part(p.dw ? size_t(T) * D : 0, 0.f);  // [T, D]
+  Buffer<float> dw_part(p.dw ? size_t(T) * D : 0, 0.f);  // [T, D]
   parallel_for(p.N, std::max<int64_t>(1, 2048 / D), [&](int64_t n0, int64_t n1, int t) {
     float* dwp = p.dw ? dw_part.data() + size_t(t) * D : nullptr;
     for (int64_t n = n0; n < n1; n++) {

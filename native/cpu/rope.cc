@@ -8,7 +8,6 @@
 // full-width loads of x[i] and x[i + Dh/2]. Rows are independent, so out may alias x (same stride):
 // each vector step reads both halves before writing them. Memory-bound: ~8 bytes per element moved.
 // Legend: N rows, nh heads per row, Dh head dim, P table positions.
-#include <vector>
 
 #include "bts/ops.h"
 #include "bts/threadpool.h"
@@ -28,7 +27,7 @@ using namespace simd;
 
 void rope_table(const RopeTableParams& p) {
   const int64_t half = p.Dh / 2;
-  std::vector<float> inv(static_cast<size_t>(half));  // [Dh/2]
+  Buffer<float> inv(static_cast<size_t>(half));  // [Dh/2]
   reference::rope_inv_freq_f32(p, inv.data());
   parallel_for(p.P, std::max<int64_t>(1, 256 / half), [&](int64_t p0, int64_t p1, int) {
     for (int64_t pos = p0; pos < p1; pos++) {
@@ -49,7 +48,7 @@ void rope_forward(const RopeParams& p) {
   const int64_t ldo = p.ld_out ? p.ld_out : nh * Dh;
   const float sign = p.inverse ? -1.f : 1.f;
   parallel_for(p.N, std::max<int64_t>(1, 8192 / (nh * Dh)), [&](int64_t n0, int64_t n1, int) {
-    std::vector<float> buf(static_cast<size_t>(2 * half));  // cos [Dh/2] then +-sin [Dh/2]
+    Buffer<float> buf(static_cast<size_t>(2 * half));  // cos [Dh/2] then +-sin [Dh/2]
     float* cs = buf.data();
     float* sn = buf.data() + half;
     int32_t last = -1;

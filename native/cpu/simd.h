@@ -6,6 +6,7 @@
 // exp() is a Cephes-style polynomial (max rel. error about 2e-7 over the clamped range [-87.3, 88.7]);
 // the scalar level uses std::exp.
 #pragma once
+#include <cstddef>
 
 namespace bts {
 namespace cpu {
@@ -161,6 +162,80 @@ inline vf exp(vf x) {
 inline vf sigmoid(vf x) { return set1(1.f) / (set1(1.f) + exp(set1(0.f) - x)); }
 
 }  // namespace simd
+
+// ---------------------------------------------------------------------------------------------------
+// Scratch arrays and range helpers for kernel code. Kernel files must NOT use std::vector, std::fill,
+// std::copy or other standard-library templates that are instantiated out of line: an instantiation
+// made inside an ISA region is compiled with that level's instructions, and because its symbol is the
+// same in every copy of the file (and in baseline code), the linker may pick the AVX-512 one for the
+// whole program (seen: std::vector<float>::_M_default_append with zmm in the prebuild). Templates
+// defined here live in namespace bts::cpu::<isa>, so every level gets its own symbols.
+// test/build.test.ts checks the ISA object files for any other shared symbol.
+
+// An owning array of n value-initialised T (std::vector's subset the kernels need).
+template <class T>
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(size_t n) { reset(n); }
+  Buffer(size_t n, const T& v) { assign(n, v); }
+  ~Buffer() { delete[] p_; }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  Buffer(Buffer&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr, o.n_ = 0; }
+  Buffer& operator=(Buffer&& o) noexcept {
+    if (this != &o) {
+      delete[] p_;
+      p_ = o.p_, n_ = o.n_, o.p_ = nullptr, o.n_ = 0;
+    }
+    return *this;
+  }
+  // n elements, all equal to v (previous contents dropped).
+  void assign(size_t n, const T& v) {
+    if (n != n_) reset(n);
+    for (size_t i = 0; i < n; i++) p_[i] = v;
+  }
+  // n elements; the first min(n, size()) keep their values, new ones are value-initialised.
+  void resize(size_t n) {
+    if (n == n_) return;
+    T* q = n ? new T[n]() : nullptr;
+    for (size_t i = 0; i < (n < n_ ? n : n_); i++) q[i] = static_cast<T&&>(p_[i]);
+    delete[] p_;
+    p_ = q, n_ = n;
+  }
+  T* data() { return p_; }
+  const T* data() const { return p_; }
+  T* begin() { return p_; }
+  T* end() { return p_ + n_; }
+  const T* begin() const { return p_; }
+  const T* end() const { return p_ + n_; }
+  size_t size() const { return n_; }
+  bool empty() const { return n_ == 0; }
+  T& operator[](size_t i) { return p_[i]; }
+  const T& operator[](size_t i) const { return p_[i]; }
+
+ private:
+  void reset(size_t n) {
+    delete[] p_;
+    p_ = nullptr, n_ = 0;
+    if (n) p_ = new T[n]();
+    n_ = n;
+  }
+  T* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+template <class T, class V>
+inline void fill(T* first, T* last, const V& v) {
+  for (; first != last; ++first) *first = v;
+}
+
+template <class T>
+inline T* copy(const T* first, const T* last, T* out) {
+  for (; first != last; ++first, ++out) *out = *first;
+  return out;
+}
+
 }  // namespace BTS_ISA
 }  // namespace cpu
 }  // namespace bts

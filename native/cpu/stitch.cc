@@ -14,7 +14,6 @@
 // vector step reads all its inputs before it writes.
 // Legend: N tokens, D width, n experts, M = n + 1 models.
 #include <algorithm>
-#include <vector>
 
 #include "bts/ops.h"
 #include "bts/threadpool.h"
@@ -92,7 +91,7 @@ void for_blocks(int64_t ND, int64_t M, bool need_dz, F&& body) {
   // ~32K floats of traffic per thread at least, so tiny calls stay on one thread.
   const int64_t grain = std::max<int64_t>(1, 32768 / (kB * (2 * M + 2)));
   parallel_for(blocks, grain, [&](int64_t b0, int64_t b1, int) {
-    std::vector<float> buf(static_cast<size_t>((need_dz ? 2 : 1) * M * kB), 0.f);
+    Buffer<float> buf(static_cast<size_t>((need_dz ? 2 : 1) * M * kB), 0.f);
     float* zt = buf.data();
     float* dzt = need_dz ? buf.data() + M * kB : nullptr;
     for (int64_t b = b0; b < b1; b++) {

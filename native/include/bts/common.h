@@ -25,6 +25,11 @@ struct Error : std::runtime_error {
   Error(std::string code_, const std::string& msg) : std::runtime_error(msg), code(std::move(code_)) {}
 };
 
+// Throws bts::Error(code, message). Defined out of line (native/core/error.cc) so that kernel code
+// compiled for an ISA level never instantiates std::string or bts::Error's members itself (see
+// native/cpu/simd.h, "Scratch arrays").
+[[noreturn]] void throw_error(const char* code, const char* message);
+
 // bf16 is stored as the upper 16 bits of an IEEE fp32 (same as torch.bfloat16).
 using bf16 = uint16_t;
 
