@@ -10,6 +10,10 @@ function hasObjdump(): boolean {
   return spawnSync('objdump', ['--version']).status === 0;
 }
 
+function isStripped(file: string): boolean {
+  return spawnSync('nm', [file]).stderr.toString().includes('no symbols');
+}
+
 function hasNm(): boolean {
   return spawnSync('nm', ['--version']).status === 0;
 }
@@ -29,29 +33,40 @@ describe('build', () => {
   it.skipIf(!hasObjdump())('uses AVX instructions only inside the avx2/avx512 kernel copies', () => {
     // Outside bts::cpu::avx2 / avx512 functions: no VEX/EVEX instruction at all (mnemonics v...),
     // so baseline x86-64 CPUs can run it. Inside avx2 functions: no AVX-512 (zmm, mask registers,
-    // xmm/ymm16-31).
-    const asm = execFileSync('objdump', ['-d', '--no-show-raw-insn', '-C', nativePath()], { maxBuffer: 1 << 30 }).toString();
-    const offenders = new Set<string>();
-    let fn = '';
-    for (const line of asm.split('\n')) {
-      const m = /^[0-9a-f]+ <(.*)>:$/.exec(line);
-      if (m) {
-        fn = m[1];
-        continue;
+    // xmm/ymm16-31). Needs function names, so it reads unstripped builds: a stripped prebuild would
+    // attribute all local code to the nearest exported symbol. The stripped prebuild is linked from
+    // the same objects, which the next test checks.
+    const candidates = [
+      nativePath(),
+      join(packageRoot, 'build/Release/bts.node'),
+      join(packageRoot, 'build/Release/obj.target/bts.node'),
+      join(packageRoot, 'build-cmake/bts.node'),
+    ].filter((f, i, all) => existsSync(f) && all.indexOf(f) === i && !isStripped(f));
+    expect(candidates.length, 'no unstripped build of the addon to inspect').toBeGreaterThan(0);
+    for (const file of candidates) {
+      const asm = execFileSync('objdump', ['-d', '--no-show-raw-insn', '-C', file], { maxBuffer: 1 << 30 }).toString();
+      const offenders = new Set<string>();
+      let fn = '';
+      for (const line of asm.split('\n')) {
+        const m = /^[0-9a-f]+ <(.*)>:$/.exec(line);
+        if (m) {
+          fn = m[1];
+          continue;
+        }
+        const insn = /^\s*[0-9a-f]+:\s+([a-z][a-z0-9.]*)\s*(.*)$/.exec(line);
+        if (!insn) continue;
+        const [, mnem, ops] = insn;
+        const avx512 = /%zmm|%k[0-7]\b|%[xy]mm(1[6-9]|2[0-9]|3[01])\b|\{%k/.test(ops);
+        const vex = mnem.startsWith('v') && mnem !== 'verr' && mnem !== 'verw';
+        if (fn.includes('avx512')) continue;
+        if (fn.includes('avx2')) {
+          if (avx512) offenders.add(`AVX-512 in ${fn}`);
+        } else if (vex || avx512) offenders.add(`${mnem} in ${fn}`);
       }
-      const insn = /^\s*[0-9a-f]+:\s+([a-z][a-z0-9.]*)\s*(.*)$/.exec(line);
-      if (!insn) continue;
-      const [, mnem, ops] = insn;
-      const avx512 = /%zmm|%k[0-7]\b|%[xy]mm(1[6-9]|2[0-9]|3[01])\b|\{%k/.test(ops);
-      const vex = mnem.startsWith('v') && mnem !== 'verr' && mnem !== 'verw';
-      if (fn.includes('avx512')) continue;
-      if (fn.includes('avx2')) {
-        if (avx512) offenders.add(`AVX-512 in ${fn}`);
-      } else if (vex || avx512) offenders.add(`${mnem} in ${fn}`);
+      expect([...offenders].slice(0, 20), file).toEqual([]);
+      expect(asm).toContain('bts::cpu::avx2::');
+      expect(asm).toContain('bts::cpu::avx512::');
     }
-    expect([...offenders].slice(0, 20)).toEqual([]);
-    expect(asm).toContain('bts::cpu::avx2::');
-    expect(asm).toContain('bts::cpu::avx512::');
   });
 
   it.skipIf(!hasNm())('ISA object files define no symbol shared with other levels (std templates etc.)', () => {
