@@ -26,7 +26,7 @@
     {
       "target_name": "bts",
       "sources": [
-        "<!@(node -p \"['core','reference','ops','binding'].flatMap(d=>require('fs').readdirSync('native/'+d).filter(f=>f.endsWith('.cc')).map(f=>'native/'+d+'/'+f)).join(' ')\")"
+        "<!@(node -p \"['core','reference','ops','engine','binding'].flatMap(d=>require('fs').readdirSync('native/'+d).filter(f=>f.endsWith('.cc')).map(f=>'native/'+d+'/'+f)).join(' ')\")"
       ],
       "dependencies": [
         "bts_cpu_scalar", "bts_cpu_avx2", "bts_cpu_avx512",

@@ -9,15 +9,23 @@ import { parseArgs } from 'node:util';
 import { packageRoot, native } from './native.js';
 import { info } from './runtime.js';
 import { BtsError } from './errors.js';
+import type { CliCommand } from './cli/command.js';
+import { tokenizerCommand } from './cli/tokenizer.js';
+import { generateCommand } from './cli/generate.js';
+import { evalCommand, pretrainCommand, trainCommand } from './cli/train.js';
+import { branchCommand, gatesCommand, mergeCommand, stitchCommand } from './cli/stitch.js';
+import { demoCommand } from './cli/demo.js';
+import { dataCommand } from './cli/data.js';
 
 const version = (JSON.parse(readFileSync(join(packageRoot, 'package.json'), 'utf8')) as { version: string }).version;
 
-const mainHelp = `bts ${version}: Branch-Train-Stitch for Node
+const mainHelpTemplate = `bts ${version}: Branch-Train-Stitch for Node
 
 Usage: bts <command> [options]
 
 Commands:
   info        Show the native backend: SIMD level in use, CPU features, threads, build, ops
+@COMMANDS@
 
 Run 'bts <command> --help' for the options of a command.
 Environment: BTS_SIMD=reference|scalar|avx2|avx512 forces a SIMD level, BTS_THREADS=n the thread count.`;
@@ -60,7 +68,12 @@ function cmdInfo(argv: string[]): number {
   return 0;
 }
 
+/** Every subcommand besides `info`, in the order `bts --help` lists them. */
+const modules: CliCommand[] = [demoCommand, dataCommand, tokenizerCommand, pretrainCommand, trainCommand, branchCommand, stitchCommand, generateCommand, evalCommand, gatesCommand, mergeCommand];
+
 const commands: Record<string, (argv: string[]) => number | Promise<number>> = { info: cmdInfo };
+for (const m of modules) commands[m.name] = (argv) => m.run(argv);
+const mainHelp = mainHelpTemplate.replace('@COMMANDS@', modules.map((m) => `  ${m.name.padEnd(11)} ${m.summary}`).join('\n'));
 
 export async function main(argv: string[]): Promise<number> {
   const [cmd, ...rest] = argv;

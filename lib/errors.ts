@@ -116,3 +116,39 @@ export class UnsupportedFeatureError extends BtsError {
 // Registered here rather than in the literal above: the classes are declared after it (TDZ).
 byCode.E_FORMAT = FormatError;
 byCode.E_UNSUPPORTED = UnsupportedFeatureError;
+// Native E_DISPOSED messages name the object ("NativeLlama.decode: the model"): DisposedError adds "has been disposed".
+byCode.E_DISPOSED = DisposedError;
+
+/**
+ * An external program the operation needs (npm, apt-get, dpkg-deb, man, ...) is not installed; the
+ * message names the program and the package that provides it.
+ */
+export class MissingToolError extends BtsError {
+  /** The missing program, e.g. `dpkg-deb`. */
+  readonly tool: string;
+  constructor(tool: string, message: string) {
+    super('E_MISSING_TOOL', message);
+    this.tool = tool;
+  }
+}
+
+/**
+ * A device was asked for that cannot be used: `device: 'cuda'` where no usable CUDA GPU, driver or
+ * CUDA build of the addon is present. The message says which (see `cudaStatus()`); `device: 'auto'`
+ * falls back to the CPU instead of throwing.
+ */
+export class DeviceUnavailableError extends BtsError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('E_DEVICE', message, options);
+  }
+}
+
+/** A CUDA runtime call or kernel failed; the message names the call, its source file and line, and the CUDA error. */
+export class CudaError extends BtsError {
+  constructor(message: string) {
+    super('E_CUDA', message);
+  }
+}
+
+byCode.E_DEVICE = DeviceUnavailableError;
+byCode.E_CUDA = CudaError;

@@ -7,6 +7,8 @@ import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { NoBinaryFoundError } from './errors.js';
+import type { NativeLlama, NativeLlamaConfig, NativeMappedFile, NativeWeight } from './engine/native.js';
+import type { NativeStitched, NativeStitchSpec } from './engine/stitched-native.js';
 
 export type NativeDType = 'f32' | 'bf16' | 'i32' | 'f64' | 'i64';
 export type NativeTensor = Float32Array | Uint16Array | Int32Array | Float64Array | BigInt64Array | null;
@@ -33,6 +35,19 @@ export interface NativeAddon {
   info(): NativeInfo;
   setSimd(level: string): void;
   setThreads(n: number): void;
+  /** Native Llama engine (raw; lib/engine/native.ts `llamaCreate` adds argument checks and typed errors). */
+  llamaCreate(config: NativeLlamaConfig, weights: Record<string, NativeWeight>, grads: Record<string, Float32Array> | null): NativeLlama;
+  /** Read-only memory map of a file (raw; see lib/engine/native.ts `mapFile`). */
+  mapFile(path: string): NativeMappedFile;
+  /** Native stitched model (raw; lib/engine/stitched-native.ts `stitchedCreate` adds argument checks and typed errors). */
+  stitchedCreate(
+    config: NativeLlamaConfig,
+    hub: Record<string, NativeWeight>,
+    experts: Record<string, NativeWeight>[],
+    spec: NativeStitchSpec,
+    weights: Record<string, Float32Array>,
+    grads: Record<string, Float32Array> | null,
+  ): NativeStitched;
 }
 
 /** The package root (the folder holding package.json), from lib/ or dist/. */

@@ -132,3 +132,8 @@ export async function writeFileAtomicAsync(
   }
   await fsyncDir(path.dirname(target));
 }
+
+/** Copies `source` to `target` atomically (streamed through {@link writeFileAtomicAsync}). */
+export async function copyFileAtomic(source: string, target: string): Promise<void> {
+  await writeFileAtomicAsync(target, fs.createReadStream(source) as AsyncIterable<Uint8Array>);
+}

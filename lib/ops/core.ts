@@ -1,10 +1,17 @@
 /**
  * The machinery under every public op: argument checks that name the argument, output allocation,
- * and the sync / async native call. Each op module describes its call with a `prepare` function and
- * gets both forms from {@link defineOp}.
+ * the device choice, and the sync / async native call. Each op module describes its call with a
+ * `prepare` function and gets both forms from {@link defineOp}.
+ *
+ * Device routing: every op takes `device?: Device` ({@link DeviceOption}). 'cpu' (the default, unless
+ * `setDevice` or BTS_DEVICE say otherwise) calls the CPU addon exactly as before, with no probe and
+ * one extra property read; 'cuda' / 'auto' go through lib/device.ts and, when CUDA is available, call
+ * the CUDA addon's op of the same name with the same tensors and scalars (outputs are copied back into
+ * the same typed arrays, so results read the same way).
  */
 import { native, type NativeTensor } from '../native.js';
 import { ArgumentError, DTypeError, ShapeError, fromNative } from '../errors.js';
+import { cudaAddon, getDevice, resolveDevice, type Device } from '../device.js';
 
 /** What a prepare function returns: the native op name, its tensors and scalars, and the result. */
 export interface PreparedCall<R> {
@@ -14,27 +21,46 @@ export interface PreparedCall<R> {
   result: R;
 }
 
+/** The option every op accepts besides its own arguments. */
+export interface DeviceOption {
+  /**
+   * Where the op runs: 'cpu', 'cuda' (throws DeviceUnavailableError when CUDA is unavailable) or
+   * 'auto' (CUDA when available, else the CPU with one line on stderr). Default: the process default
+   * (`setDevice()`, else the environment variable BTS_DEVICE, else 'cpu'). See lib/device.ts.
+   */
+  device?: Device;
+}
+
 export interface OpForms<A, R> {
-  sync: (args: A) => R;
-  async: (args: A) => Promise<R>;
+  sync: (args: A & DeviceOption) => R;
+  async: (args: A & DeviceOption) => Promise<R>;
+}
+
+/** The addon that runs an op on `device` (the CPU addon unless it resolves to CUDA). */
+function backend(device: Device | undefined) {
+  const d = device ?? getDevice();
+  if (d === 'cpu') return native();
+  return resolveDevice(d) === 'cuda' ? cudaAddon() : native();
 }
 
 /** Builds the sync and async forms of an op from its prepare function. */
 export function defineOp<A, R>(prepare: (args: A) => PreparedCall<R>): OpForms<A, R> {
   return {
-    sync(args: A): R {
+    sync(args: A & DeviceOption): R {
+      const addon = backend(args?.device);
       const c = prepare(args);
       try {
-        native().callOp(c.op, c.tensors, c.scalars);
+        addon.callOp(c.op, c.tensors, c.scalars);
       } catch (e) {
         throw fromNative(e);
       }
       return c.result;
     },
-    async async(args: A): Promise<R> {
+    async async(args: A & DeviceOption): Promise<R> {
+      const addon = backend(args?.device);
       const c = prepare(args);
       try {
-        await native().callOpAsync(c.op, c.tensors, c.scalars);
+        await addon.callOpAsync(c.op, c.tensors, c.scalars);
       } catch (e) {
         throw fromNative(e);
       }

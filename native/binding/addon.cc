@@ -1,7 +1,8 @@
 // addon.cc: the Node-API binding. Thin by design: it turns JS values into bts::OpCall (typed arrays
 // become {pointer, length, dtype}), runs the op synchronously or on a libuv worker (AsyncWorker ->
-// Promise), and turns bts::Error into a JS Error carrying `code`. All validation of shapes happens in
-// the op's registry entry (native/ops/), all scheduling in the compute pool (native/core/threadpool.cc).
+// Promise), and turns bts::Error into a JS Error carrying `code` (that glue is op_call.h, shared with
+// the CUDA addon native/cuda/binding.cc). All validation of shapes happens in the op's registry entry
+// (native/ops/), all scheduling in the compute pool (native/core/threadpool.cc).
 //
 // Exports:
 //   callOp(name, tensors, scalars)        -> undefined      (sync; tensors: (TypedArray|null)[])
@@ -19,160 +20,25 @@
 #include "bts/cpu.h"
 #include "bts/registry.h"
 #include "bts/threadpool.h"
+#include "op_call.h"
+
+#ifndef BTS_ONLY_OPS_BUILD
+namespace bts { void register_engine(Napi::Env env, Napi::Object exports); }  // native/binding/engine.cc
+namespace bts { void register_stitched(Napi::Env env, Napi::Object exports); }  // native/binding/stitched.cc
+#endif
 
 namespace {
 
-Napi::Error make_error(Napi::Env env, const std::string& code, const std::string& msg) {
-  Napi::Error e = Napi::Error::New(env, msg);
-  e.Set("code", Napi::String::New(env, code));
-  return e;
-}
+using bts::napi::make_error;
 
-bool dtype_of(const Napi::TypedArray& a, bts::DType* out) {
-  switch (a.TypedArrayType()) {
-    case napi_float32_array: *out = bts::DType::F32; return true;
-    case napi_uint16_array: *out = bts::DType::BF16; return true;
-    case napi_int32_array: *out = bts::DType::I32; return true;
-    case napi_float64_array: *out = bts::DType::F64; return true;
-    case napi_bigint64_array: *out = bts::DType::I64; return true;
-    default: return false;
-  }
-}
+void run_cpu(const std::string& name, bts::OpCall& call) { bts::call_op(name, call); }
 
-// Parses (name, tensors, scalars). Keeps references to the typed arrays in `pins` when given.
-bts::OpCall parse_call(const Napi::CallbackInfo& info, std::string* name, std::vector<Napi::ObjectReference>* pins) {
-  Napi::Env env = info.Env();
-  if (info.Length() < 3 || !info[0].IsString() || !info[1].IsArray() || !info[2].IsArray())
-    throw make_error(env, "E_ARGUMENT", "callOp(name: string, tensors: TypedArray[], scalars: number[])");
-  *name = info[0].As<Napi::String>().Utf8Value();
-  const bts::OpDef* def = bts::find_op(*name);
-  if (!def) throw make_error(env, "E_UNKNOWN_OP", "unknown op '" + *name + "'");
-  bts::OpCall call;
-  Napi::Array ts = info[1].As<Napi::Array>();
-  for (uint32_t i = 0; i < ts.Length(); i++) {
-    Napi::Value v = ts.Get(i);
-    bts::TensorRef t;
-    std::string argname = i < def->tensors.size() ? def->tensors[i].name : std::to_string(i);
-    if (v.IsNull() || v.IsUndefined()) {
-      call.tensors.push_back(t);
-      continue;
-    }
-    if (!v.IsTypedArray())
-      throw make_error(env, "E_DTYPE", *name + ": argument '" + argname + "' must be a typed array");
-    Napi::TypedArray a = v.As<Napi::TypedArray>();
-    if (!dtype_of(a, &t.dtype))
-      throw make_error(env, "E_DTYPE", *name + ": argument '" + argname +
-                                           "' must be a Float32Array, Uint16Array (bf16), Int32Array, Float64Array or BigInt64Array");
-    t.length = int64_t(a.ElementLength());
-    t.data = static_cast<uint8_t*>(a.ArrayBuffer().Data()) + a.ByteOffset();
-    if (t.length == 0) {
-      // An empty view may have a null data pointer; give it a valid non-null address (never read).
-      static float dummy = 0;
-      t.data = &dummy;
-    }
-    if (pins) pins->push_back(Napi::Persistent(a.As<Napi::Object>()));
-    call.tensors.push_back(t);
-  }
-  Napi::Array ss = info[2].As<Napi::Array>();
-  for (uint32_t i = 0; i < ss.Length(); i++) {
-    Napi::Value v = ss.Get(i);
-    if (v.IsBoolean()) call.scalars.push_back(v.As<Napi::Boolean>().Value() ? 1.0 : 0.0);
-    else if (v.IsNumber()) call.scalars.push_back(v.As<Napi::Number>().DoubleValue());
-    else {
-      std::string sname = i < def->scalars.size() ? def->scalars[i] : std::to_string(i);
-      throw make_error(env, "E_ARGUMENT", *name + ": scalar '" + sname + "' must be a number");
-    }
-  }
-  return call;
-}
+Napi::Value CallOp(const Napi::CallbackInfo& info) { return bts::napi::call_sync(info, run_cpu); }
 
-Napi::Value CallOp(const Napi::CallbackInfo& info) {
-  std::string name;
-  bts::OpCall call = parse_call(info, &name, nullptr);
-  try {
-    bts::call_op(name, call);
-  } catch (const bts::Error& e) {
-    throw make_error(info.Env(), e.code, e.what());
-  } catch (const std::bad_alloc&) {
-    throw make_error(info.Env(), "E_OUT_OF_MEMORY", name + ": out of memory");
-  } catch (const std::exception& e) {
-    throw make_error(info.Env(), "E_INTERNAL", name + ": " + e.what());
-  }
-  return info.Env().Undefined();
-}
-
-class OpWorker : public Napi::AsyncWorker {
- public:
-  OpWorker(Napi::Env env, std::string name, bts::OpCall call, std::vector<Napi::ObjectReference> pins)
-      : Napi::AsyncWorker(env, "bts-op"), deferred_(Napi::Promise::Deferred::New(env)), name_(std::move(name)),
-        call_(std::move(call)), pins_(std::move(pins)) {}
-
-  Napi::Promise Promise() { return deferred_.Promise(); }
-
-  void Execute() override {
-    try {
-      bts::call_op(name_, call_);
-    } catch (const bts::Error& e) {
-      code_ = e.code;
-      SetError(e.what());
-    } catch (const std::bad_alloc&) {
-      code_ = "E_OUT_OF_MEMORY";
-      SetError(name_ + ": out of memory");
-    } catch (const std::exception& e) {
-      code_ = "E_INTERNAL";
-      SetError(name_ + ": " + e.what());
-    }
-  }
-  void OnOK() override {
-    pins_.clear();
-    deferred_.Resolve(Env().Undefined());
-  }
-  void OnError(const Napi::Error& e) override {
-    pins_.clear();
-    deferred_.Reject(make_error(Env(), code_, e.Message()).Value());
-  }
-
- private:
-  Napi::Promise::Deferred deferred_;
-  std::string name_;
-  bts::OpCall call_;
-  std::vector<Napi::ObjectReference> pins_;
-  std::string code_ = "E_INTERNAL";
-};
-
-Napi::Value CallOpAsync(const Napi::CallbackInfo& info) {
-  std::string name;
-  std::vector<Napi::ObjectReference> pins;
-  bts::OpCall call = parse_call(info, &name, &pins);
-  auto* w = new OpWorker(info.Env(), name, std::move(call), std::move(pins));
-  Napi::Promise p = w->Promise();
-  w->Queue();
-  return p;
-}
+Napi::Value CallOpAsync(const Napi::CallbackInfo& info) { return bts::napi::call_async(info, run_cpu); }
 
 Napi::Value ListOps(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  const auto& ops = bts::op_registry();
-  Napi::Array out = Napi::Array::New(env, ops.size());
-  for (size_t i = 0; i < ops.size(); i++) {
-    Napi::Object o = Napi::Object::New(env);
-    o.Set("name", ops[i].name);
-    Napi::Array ts = Napi::Array::New(env, ops[i].tensors.size());
-    for (size_t j = 0; j < ops[i].tensors.size(); j++) {
-      Napi::Object t = Napi::Object::New(env);
-      t.Set("name", ops[i].tensors[j].name);
-      t.Set("dtype", bts::dtype_name(ops[i].tensors[j].dtype));
-      t.Set("optional", ops[i].tensors[j].optional);
-      t.Set("output", ops[i].tensors[j].output);
-      ts.Set(uint32_t(j), t);
-    }
-    o.Set("tensors", ts);
-    Napi::Array ss = Napi::Array::New(env, ops[i].scalars.size());
-    for (size_t j = 0; j < ops[i].scalars.size(); j++) ss.Set(uint32_t(j), ops[i].scalars[j]);
-    o.Set("scalars", ss);
-    out.Set(uint32_t(i), o);
-  }
-  return out;
+  return bts::napi::list_ops(info.Env(), [](const char*) { return true; });
 }
 
 Napi::Value Info(const Napi::CallbackInfo& info) {
@@ -247,6 +113,10 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("info", Napi::Function::New(env, Info));
   exports.Set("setSimd", Napi::Function::New(env, SetSimd));
   exports.Set("setThreads", Napi::Function::New(env, SetThreads));
+#ifndef BTS_ONLY_OPS_BUILD
+  bts::register_engine(env, exports);  // llamaCreate, mapFile
+  bts::register_stitched(env, exports);  // stitchedCreate
+#endif
   return exports;
 }
 

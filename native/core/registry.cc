@@ -59,26 +59,30 @@ const OpDef* find_op(const std::string& name) {
   return nullptr;
 }
 
-void call_op(const std::string& name, OpCall& call) {
-  const OpDef* def = find_op(name);
-  if (!def) throw Error("E_UNKNOWN_OP", "unknown op '" + name + "'");
-  if (call.tensors.size() != def->tensors.size())
-    throw Error("E_ARGUMENT", std::string(def->name) + ": expected " + std::to_string(def->tensors.size()) +
+void check_call(const OpDef& def, const OpCall& call) {
+  if (call.tensors.size() != def.tensors.size())
+    throw Error("E_ARGUMENT", std::string(def.name) + ": expected " + std::to_string(def.tensors.size()) +
                                   " tensor arguments, got " + std::to_string(call.tensors.size()));
-  if (call.scalars.size() != def->scalars.size())
-    throw Error("E_ARGUMENT", std::string(def->name) + ": expected " + std::to_string(def->scalars.size()) +
+  if (call.scalars.size() != def.scalars.size())
+    throw Error("E_ARGUMENT", std::string(def.name) + ": expected " + std::to_string(def.scalars.size()) +
                                   " scalar arguments, got " + std::to_string(call.scalars.size()));
   for (size_t i = 0; i < call.tensors.size(); i++) {
     const TensorRef& t = call.tensors[i];
-    const ArgSpec& a = def->tensors[i];
+    const ArgSpec& a = def.tensors[i];
     if (!t.data) {
-      if (!a.optional) throw Error("E_ARGUMENT", std::string(def->name) + ": argument '" + a.name + "' is required");
+      if (!a.optional) throw Error("E_ARGUMENT", std::string(def.name) + ": argument '" + a.name + "' is required");
       continue;
     }
     if (t.dtype != a.dtype)
-      throw Error("E_DTYPE", std::string(def->name) + ": argument '" + a.name + "' must be " + dtype_name(a.dtype) +
+      throw Error("E_DTYPE", std::string(def.name) + ": argument '" + a.name + "' must be " + dtype_name(a.dtype) +
                                  ", got " + dtype_name(t.dtype));
   }
+}
+
+void call_op(const std::string& name, OpCall& call) {
+  const OpDef* def = find_op(name);
+  if (!def) throw Error("E_UNKNOWN_OP", "unknown op '" + name + "'");
+  check_call(*def, call);
   def->run(*def, call);
 }
 

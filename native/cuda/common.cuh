@@ -57,14 +57,8 @@
 #define BTS_SPTR(T) ::bts_emu::SPtr<T>
 #endif
 
-// Every CUDA runtime call: throws bts::Error("E_CUDA", "file:line: call: message").
-#define BTS_CUDA_CHECK(call)                                                                           \
-  do {                                                                                                 \
-    const cudaError_t bts_err_ = (call);                                                               \
-    if (bts_err_ != cudaSuccess)                                                                       \
-      throw ::bts::Error("E_CUDA", std::string(__FILE__ ":") + std::to_string(__LINE__) + ": " #call ": " + \
-                                       cudaGetErrorString(bts_err_));                                  \
-  } while (0)
+// Every CUDA runtime call: BTS_CUDA_CHECK throws bts::Error("E_CUDA", "file:line: call: message").
+#include "cuda_check.h"
 
 namespace bts {
 namespace cuda {

@@ -6,6 +6,7 @@
 #include <sys/mman.h>
 
 #include <cstdio>
+#include <map>
 #include <mutex>
 #include <sstream>
 #include <stdexcept>
@@ -453,25 +454,74 @@ cudaError_t cudaGetLastError() {
   return e;
 }
 cudaError_t cudaPeekAtLastError() { return bts_emu::g_last_error; }
+// "Device" memory is host memory, but every allocation is registered, so that a host pointer given
+// where device memory is expected (a kernel argument, a copy's device side, a memset, a free) is an
+// error here as it would be (or crash) on a GPU, and fresh allocations are filled with 0xff bytes (NaN)
+// like uninitialised GPU memory, so that code relying on zeroed memory fails here too.
+namespace bts_emu {
+namespace {
+std::mutex g_alloc_mutex;
+std::map<uintptr_t, size_t> g_allocs;  // base -> bytes
+}  // namespace
+
+bool is_device_pointer(const void* p, size_t bytes) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  std::lock_guard<std::mutex> lock(g_alloc_mutex);
+  auto it = g_allocs.upper_bound(a);
+  if (it == g_allocs.begin()) return false;
+  --it;
+  return a >= it->first && a - it->first <= it->second && bytes <= it->second - (a - it->first);
+}
+
+void host_pointer_argument(const char* kernel, int index) {
+  g_last_error = cudaErrorInvalidValue;
+  throw std::runtime_error(std::string("bts_emu: launch of ") + kernel + ": argument " + std::to_string(index) +
+                           " points outside every device allocation (a host pointer passed to a kernel?)");
+}
+}  // namespace bts_emu
+
 cudaError_t cudaMalloc(void** p, size_t bytes) {
-  *p = bytes ? std::aligned_alloc(256, (bytes + 255) / 256 * 256) : nullptr;
-  return (*p || !bytes) ? cudaSuccess : cudaErrorMemoryAllocation;
+  if (!bytes) {
+    *p = nullptr;
+    return cudaSuccess;
+  }
+  const size_t rounded = (bytes + 255) / 256 * 256;
+  *p = std::aligned_alloc(256, rounded);
+  if (!*p) return bts_emu::g_last_error = cudaErrorMemoryAllocation;
+  std::memset(*p, 0xff, rounded);
+  std::lock_guard<std::mutex> lock(bts_emu::g_alloc_mutex);
+  bts_emu::g_allocs[reinterpret_cast<uintptr_t>(*p)] = bytes;
+  return cudaSuccess;
 }
 cudaError_t cudaFree(void* p) {
+  if (!p) return cudaSuccess;
+  {
+    std::lock_guard<std::mutex> lock(bts_emu::g_alloc_mutex);
+    auto it = bts_emu::g_allocs.find(reinterpret_cast<uintptr_t>(p));
+    if (it == bts_emu::g_allocs.end()) return bts_emu::g_last_error = cudaErrorInvalidValue;
+    bts_emu::g_allocs.erase(it);
+  }
   std::free(p);
   return cudaSuccess;
 }
 cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t) { return cudaMalloc(p, bytes); }
 cudaError_t cudaFreeAsync(void* p, cudaStream_t) { return cudaFree(p); }
-cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind) {
-  if (bytes) std::memmove(dst, src, bytes);
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+  if (!bytes) return cudaSuccess;
+  const bool dst_dev = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
+  const bool src_dev = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
+  if ((dst_dev && !bts_emu::is_device_pointer(dst, bytes)) || (src_dev && !bts_emu::is_device_pointer(src, bytes)))
+    return bts_emu::g_last_error = cudaErrorInvalidValue;
+  std::memmove(dst, src, bytes);
   return cudaSuccess;
 }
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind k, cudaStream_t) {
   return cudaMemcpy(dst, src, bytes, k);
 }
 cudaError_t cudaMemset(void* p, int value, size_t bytes) {
-  if (bytes) std::memset(p, value, bytes);
+  if (!bytes) return cudaSuccess;
+  if (!bts_emu::is_device_pointer(p, bytes)) return bts_emu::g_last_error = cudaErrorInvalidValue;
+  std::memset(p, value, bytes);
   return cudaSuccess;
 }
 cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) { return cudaMemset(p, value, bytes); }

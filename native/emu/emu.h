@@ -52,7 +52,9 @@ extern thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 constexpr int warpSize = 32;
 
 // ---------------------------------------------------------------------------------------------------
-// Runtime API stand-ins (host memory is device memory; every call is synchronous).
+// Runtime API stand-ins (host memory is device memory; every call is synchronous). Allocations are
+// registered: a host pointer where device memory is expected is an error (see emu.cc), and fresh
+// allocations hold 0xff bytes (NaN) like uninitialised GPU memory.
 enum cudaError_t {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
@@ -384,11 +386,26 @@ inline SPtr<T> dynamic_shared(const char* name) {
 void launch(const char* name, const void* fn, dim3 grid, dim3 block, size_t shmem, cudaStream_t stream,
             const std::function<void()>& body);
 
+// Device memory provenance (emu.cc): true when [p, p + bytes) lies inside one cudaMalloc allocation.
+bool is_device_pointer(const void* p, size_t bytes = 0);
+[[noreturn]] void host_pointer_argument(const char* kernel, int index);
+
+// Every pointer argument of a launch must be null or point into device memory (as on a GPU, where a
+// host pointer faults). Non-pointer arguments are not checked.
+template <class T>
+inline void check_kernel_arg(const char*, int, const T&) {}
+template <class T>
+inline void check_kernel_arg(const char* kernel, int index, T* p) {
+  if (p && !is_device_pointer(p)) host_pointer_argument(kernel, index);
+}
+
 // BTS_LAUNCH's emulator form: the arguments are evaluated once, like a real launch's.
 template <class... P, class... A>
 inline void launch_kernel(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t shmem,
                           cudaStream_t stream, A... args) {
   static_assert(sizeof...(P) == sizeof...(A), "kernel launched with the wrong number of arguments");
+  int index = 0;
+  (check_kernel_arg(name, index++, P(args)), ...);
   launch(name, reinterpret_cast<const void*>(kernel), grid, block, shmem, stream, [&]() { kernel(P(args)...); });
 }
 

@@ -1,8 +1,10 @@
-// ops/adamw.cc: the AdamW op entry (checks of every hyper-parameter, dispatch) and its registry spec.
+// ops/adamw.cc: the AdamW op entry (checks of every hyper-parameter, dispatch), its argument parser
+// (bts/op_args.h) and its registry spec.
 #include <cmath>
 #include <string>
 
 #include "bts/dispatch.h"
+#include "bts/op_args.h"
 #include "bts/ops.h"
 #include "bts/registry.h"
 
@@ -39,8 +41,9 @@ void adamw_step(const AdamWParams& p) {
 
 namespace {
 constexpr int64_t kMaxDim = int64_t(1) << 40;
+}  // namespace
 
-void run_step(const OpDef& def, OpCall& c) {
+AdamWParams parse_adamw_step(const OpDef& def, OpCall& c) {
   AdamWParams p;
   p.n = reg::int_arg(def, c, 0, 0, kMaxDim);
   p.n_decay = reg::int_arg(def, c, 1, 0, p.n);
@@ -57,8 +60,11 @@ void run_step(const OpDef& def, OpCall& c) {
   p.m = static_cast<float*>(reg::tensor(def, c, 2, p.n, "n"));
   p.v = static_cast<float*>(reg::tensor(def, c, 3, p.n, "n"));
   p.grad_norm = static_cast<float*>(reg::tensor(def, c, 4, 1, "1"));
-  adamw_step(p);
+  return p;
 }
+
+namespace {
+void run_step(const OpDef& def, OpCall& c) { adamw_step(parse_adamw_step(def, c)); }
 }  // namespace
 
 void register_adamw(std::vector<OpDef>& out) {

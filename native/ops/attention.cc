@@ -1,5 +1,5 @@
-// ops/attention.cc: the causal grouped-query attention op entries (checks, dispatch) and their
-// registry specs ("attention_forward", "attention_backward").
+// ops/attention.cc: the causal grouped-query attention op entries (checks, dispatch), their argument
+// parsers (bts/op_args.h) and registry specs ("attention_forward", "attention_backward").
 //
 // The entries check what the params can tell (sizes, H divisible by Hkv, Tq <= Tk <= Tcap, pointers,
 // a finite scale); the registry runs check every buffer length against the shape the scalars imply.
@@ -9,6 +9,7 @@
 #include <string>
 
 #include "bts/dispatch.h"
+#include "bts/op_args.h"
 #include "bts/ops.h"
 #include "bts/registry.h"
 
@@ -57,9 +58,10 @@ void attention_backward(const AttentionBackwardParams& p) {
 
 namespace {
 constexpr int64_t kMaxDim = int64_t(1) << 40;
+}  // namespace
 
 // Scalars: B, Tq, Tk, Tcap, H, Hkv, Dh, scale.
-void run_forward(const OpDef& def, OpCall& c) {
+AttentionParams parse_attention_forward(const OpDef& def, OpCall& c) {
   AttentionParams p;
   p.B = reg::int_arg(def, c, 0, 0, kMaxDim);
   p.Tq = reg::int_arg(def, c, 1, 0, kMaxDim);
@@ -82,11 +84,11 @@ void run_forward(const OpDef& def, OpCall& c) {
   p.v = static_cast<const float*>(reg::tensor(def, c, 2, nk, "B*Tcap*Hkv*Dh"));
   p.out = static_cast<float*>(reg::tensor(def, c, 3, nq, "B*Tq*H*Dh"));
   p.lse = static_cast<float*>(reg::tensor(def, c, 4, nl, "B*H*Tq"));
-  attention_forward(p);
+  return p;
 }
 
 // Scalars: B, T, H, Hkv, Dh, scale.
-void run_backward(const OpDef& def, OpCall& c) {
+AttentionBackwardParams parse_attention_backward(const OpDef& def, OpCall& c) {
   AttentionBackwardParams p;
   p.B = reg::int_arg(def, c, 0, 0, kMaxDim);
   p.T = reg::int_arg(def, c, 1, 0, kMaxDim);
@@ -107,8 +109,12 @@ void run_backward(const OpDef& def, OpCall& c) {
   p.dq = static_cast<float*>(reg::tensor(def, c, 6, nq, "B*T*H*Dh"));
   p.dk = static_cast<float*>(reg::tensor(def, c, 7, nk, "B*T*Hkv*Dh"));
   p.dv = static_cast<float*>(reg::tensor(def, c, 8, nk, "B*T*Hkv*Dh"));
-  attention_backward(p);
+  return p;
 }
+
+namespace {
+void run_forward(const OpDef& def, OpCall& c) { attention_forward(parse_attention_forward(def, c)); }
+void run_backward(const OpDef& def, OpCall& c) { attention_backward(parse_attention_backward(def, c)); }
 }  // namespace
 
 void register_attention(std::vector<OpDef>& out) {

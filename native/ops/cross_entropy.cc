@@ -1,11 +1,12 @@
-// ops/cross_entropy.cc: the fused LM-head cross-entropy entry (checks incl. every target, dispatch)
-// and its registry spec "cross_entropy". The target scan is O(N) and runs before any kernel, so a bad
+// ops/cross_entropy.cc: the fused LM-head cross-entropy entry (checks incl. every target, dispatch),
+// its argument parser (bts/op_args.h) and its registry spec "cross_entropy". The target scan is O(N) and runs before any kernel, so a bad
 // target can never index outside W.
 #include <cmath>
 #include <limits>
 #include <string>
 
 #include "bts/dispatch.h"
+#include "bts/op_args.h"
 #include "bts/ops.h"
 #include "bts/registry.h"
 
@@ -42,8 +43,9 @@ void cross_entropy_forward_backward(const CrossEntropyParams& p) {
 
 namespace {
 constexpr int64_t kMaxDim = int64_t(1) << 40;
+}  // namespace
 
-void run(const OpDef& def, OpCall& c) {
+CrossEntropyParams parse_cross_entropy(const OpDef& def, OpCall& c) {
   CrossEntropyParams p;
   p.N = reg::int_arg(def, c, 0, 0, kMaxDim);
   p.D = reg::int_arg(def, c, 1, 1, kMaxDim);
@@ -62,8 +64,11 @@ void run(const OpDef& def, OpCall& c) {
   p.count = static_cast<int64_t*>(reg::tensor(def, c, 5, 1, "1"));
   p.dx = static_cast<float*>(reg::tensor(def, c, 6, ND, "N*D"));
   p.dw = static_cast<float*>(reg::tensor(def, c, 7, VD, "V*D"));
-  cross_entropy_forward_backward(p);
+  return p;
 }
+
+namespace {
+void run(const OpDef& def, OpCall& c) { cross_entropy_forward_backward(parse_cross_entropy(def, c)); }
 }  // namespace
 
 void register_cross_entropy(std::vector<OpDef>& out) {

@@ -1,9 +1,10 @@
-// ops/embedding.cc: the embedding op entries (checks incl. every token id, dispatch) and their
-// registry specs. The id scan is O(N) and runs before any kernel touches memory, so a bad id can never
+// ops/embedding.cc: the embedding op entries (checks incl. every token id, dispatch), their argument
+// parsers (bts/op_args.h) and registry specs. The id scan is O(N) and runs before any kernel touches memory, so a bad id can never
 // read or write outside the table.
 #include <string>
 
 #include "bts/dispatch.h"
+#include "bts/op_args.h"
 #include "bts/ops.h"
 #include "bts/registry.h"
 
@@ -46,8 +47,9 @@ void embedding_backward(const EmbeddingBackwardParams& p) {
 
 namespace {
 constexpr int64_t kMaxDim = int64_t(1) << 40;
+}  // namespace
 
-void run_forward(const OpDef& def, OpCall& c) {
+EmbeddingParams parse_embedding_forward(const OpDef& def, OpCall& c) {
   EmbeddingParams p;
   p.N = reg::int_arg(def, c, 0, 0, kMaxDim);
   p.V = reg::int_arg(def, c, 1, 1, kMaxDim);
@@ -55,10 +57,10 @@ void run_forward(const OpDef& def, OpCall& c) {
   p.ids = static_cast<const int32_t*>(reg::tensor(def, c, 0, p.N, "N"));
   p.table = static_cast<const float*>(reg::tensor(def, c, 1, reg::mul(def, {p.V, p.D}), "V*D"));
   p.out = static_cast<float*>(reg::tensor(def, c, 2, reg::mul(def, {p.N, p.D}), "N*D"));
-  embedding_forward(p);
+  return p;
 }
 
-void run_backward(const OpDef& def, OpCall& c) {
+EmbeddingBackwardParams parse_embedding_backward(const OpDef& def, OpCall& c) {
   EmbeddingBackwardParams p;
   p.N = reg::int_arg(def, c, 0, 0, kMaxDim);
   p.V = reg::int_arg(def, c, 1, 1, kMaxDim);
@@ -66,8 +68,12 @@ void run_backward(const OpDef& def, OpCall& c) {
   p.ids = static_cast<const int32_t*>(reg::tensor(def, c, 0, p.N, "N"));
   p.dout = static_cast<const float*>(reg::tensor(def, c, 1, reg::mul(def, {p.N, p.D}), "N*D"));
   p.dtable = static_cast<float*>(reg::tensor(def, c, 2, reg::mul(def, {p.V, p.D}), "V*D"));
-  embedding_backward(p);
+  return p;
 }
+
+namespace {
+void run_forward(const OpDef& def, OpCall& c) { embedding_forward(parse_embedding_forward(def, c)); }
+void run_backward(const OpDef& def, OpCall& c) { embedding_backward(parse_embedding_backward(def, c)); }
 }  // namespace
 
 void register_embedding(std::vector<OpDef>& out) {

@@ -1,4 +1,5 @@
-// ops/gemm.cc: the GEMM op entries (checks, dispatch) and their registry specs "gemm_f32", "gemm_bf16".
+// ops/gemm.cc: the GEMM op entries (checks, dispatch), their argument parsers (bts/op_args.h) and
+// registry specs "gemm_f32", "gemm_bf16".
 //
 // Strided operands: a buffer holding `rows` rows of `cols` used elements at a stride `ld` must have
 // at least (rows - 1) * ld + cols elements (the last row need not be padded), checked here before
@@ -7,6 +8,7 @@
 #include <string>
 
 #include "bts/dispatch.h"
+#include "bts/op_args.h"
 #include "bts/ops.h"
 #include "bts/registry.h"
 
@@ -92,17 +94,23 @@ void fill(const OpDef& def, OpCall& c, P& p) {
   p.C = static_cast<float*>(reg::tensor_min(def, c, 2, need(p.M, p.N, p.ldc), "(M-1)*ldc+N"));
 }
 
-void run_f32(const OpDef& def, OpCall& c) {
+}  // namespace
+
+GemmParams parse_gemm_f32(const OpDef& def, OpCall& c) {
   GemmParams p;
   fill<GemmParams, float>(def, c, p);
-  gemm_f32(p);
+  return p;
 }
 
-void run_bf16(const OpDef& def, OpCall& c) {
+GemmBf16Params parse_gemm_bf16(const OpDef& def, OpCall& c) {
   GemmBf16Params p;
   fill<GemmBf16Params, bf16>(def, c, p);
-  gemm_bf16(p);
+  return p;
 }
+
+namespace {
+void run_f32(const OpDef& def, OpCall& c) { gemm_f32(parse_gemm_f32(def, c)); }
+void run_bf16(const OpDef& def, OpCall& c) { gemm_bf16(parse_gemm_bf16(def, c)); }
 }  // namespace
 
 void register_gemm(std::vector<OpDef>& out) {

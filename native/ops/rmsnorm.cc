@@ -2,6 +2,7 @@
 #include <string>
 
 #include "bts/dispatch.h"
+#include "bts/op_args.h"
 #include "bts/ops.h"
 #include "bts/registry.h"
 
@@ -25,8 +26,9 @@ void rmsnorm_backward(const RmsNormBackwardParams& p) {
 
 namespace {
 constexpr int64_t kMaxDim = int64_t(1) << 40;
+}  // namespace
 
-void run_forward(const OpDef& def, OpCall& c) {
+RmsNormParams parse_rmsnorm_forward(const OpDef& def, OpCall& c) {
   RmsNormParams p;
   p.N = reg::int_arg(def, c, 0, 0, kMaxDim);
   p.D = reg::int_arg(def, c, 1, 1, kMaxDim);
@@ -36,10 +38,10 @@ void run_forward(const OpDef& def, OpCall& c) {
   p.w = static_cast<const float*>(reg::tensor(def, c, 1, p.D, "D"));
   p.y = static_cast<float*>(reg::tensor(def, c, 2, ND, "N*D"));
   p.rstd = static_cast<float*>(reg::tensor(def, c, 3, p.N, "N"));
-  rmsnorm_forward(p);
+  return p;
 }
 
-void run_backward(const OpDef& def, OpCall& c) {
+RmsNormBackwardParams parse_rmsnorm_backward(const OpDef& def, OpCall& c) {
   RmsNormBackwardParams p;
   p.N = reg::int_arg(def, c, 0, 0, kMaxDim);
   p.D = reg::int_arg(def, c, 1, 1, kMaxDim);
@@ -50,8 +52,12 @@ void run_backward(const OpDef& def, OpCall& c) {
   p.dy = static_cast<const float*>(reg::tensor(def, c, 3, ND, "N*D"));
   p.dx = static_cast<float*>(reg::tensor(def, c, 4, ND, "N*D"));
   p.dw = static_cast<float*>(reg::tensor(def, c, 5, p.D, "D"));
-  rmsnorm_backward(p);
+  return p;
 }
+
+namespace {
+void run_forward(const OpDef& def, OpCall& c) { rmsnorm_forward(parse_rmsnorm_forward(def, c)); }
+void run_backward(const OpDef& def, OpCall& c) { rmsnorm_backward(parse_rmsnorm_backward(def, c)); }
 }  // namespace
 
 void register_rmsnorm(std::vector<OpDef>& out) {

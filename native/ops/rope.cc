@@ -1,4 +1,5 @@
-// ops/rope.cc: the RoPE op entries (checks, dispatch) and their registry specs.
+// ops/rope.cc: the RoPE op entries (checks, dispatch), their argument parsers (bts/op_args.h) and
+// registry specs.
 //
 // rope_forward checks every position against [0, P) before any kernel runs (an out-of-range position
 // would read past the table): E_ARGUMENT naming 'pos', the index and the value. x/out are row-strided
@@ -9,6 +10,7 @@
 #include <string>
 
 #include "bts/dispatch.h"
+#include "bts/op_args.h"
 #include "bts/ops.h"
 #include "bts/registry.h"
 
@@ -61,22 +63,28 @@ void check_forward_shape(const RopeParams& p) {
 }
 }  // namespace
 
+void check_rope_positions(const RopeParams& p) {
+  for (int64_t n = 0; n < p.N; n++)
+    if (p.pos[n] < 0 || p.pos[n] >= p.P)
+      throw Error("E_ARGUMENT", std::string("rope_forward: 'pos'[") + std::to_string(n) + "] = " +
+                                    std::to_string(p.pos[n]) + " is outside the table's positions [0, " +
+                                    std::to_string(p.P) + ")");
+}
+
 void rope_forward(const RopeParams& p) {
   const char* op = "rope_forward";
   check_forward_shape(p);
   if (!p.x || !p.out || !p.table || (!p.pos && p.N > 0)) throw Error("E_ARGUMENT", std::string(op) + ": x, pos, table and out are required");
-  for (int64_t n = 0; n < p.N; n++)
-    if (p.pos[n] < 0 || p.pos[n] >= p.P)
-      throw Error("E_ARGUMENT", std::string(op) + ": 'pos'[" + std::to_string(n) + "] = " + std::to_string(p.pos[n]) +
-                                    " is outside the table's positions [0, " + std::to_string(p.P) + ")");
+  check_rope_positions(p);
   if (p.N == 0) return;
   BTS_DISPATCH(rope_forward, p);
 }
 
 namespace {
 constexpr int64_t kMaxDim = int64_t(1) << 40;
+}  // namespace
 
-void run_table(const OpDef& def, OpCall& c) {
+RopeTableParams parse_rope_table(const OpDef& def, OpCall& c) {
   RopeTableParams p;
   p.P = reg::int_arg(def, c, 0, 0, kMaxDim);
   p.Dh = reg::int_arg(def, c, 1, 1, kMaxDim);
@@ -87,10 +95,10 @@ void run_table(const OpDef& def, OpCall& c) {
   p.original_max_position_embeddings = reg::num_arg(def, c, 6);
   p.table = static_cast<float*>(reg::tensor(def, c, 0, reg::mul(def, {p.P, p.Dh}), "P*headDim"));
   p.inv_freq = static_cast<float*>(reg::tensor(def, c, 1, p.Dh / 2, "headDim/2"));
-  rope_table(p);
+  return p;
 }
 
-void run_forward(const OpDef& def, OpCall& c) {
+RopeParams parse_rope_forward(const OpDef& def, OpCall& c) {
   RopeParams p;
   p.N = reg::int_arg(def, c, 0, 0, kMaxDim);
   p.nh = reg::int_arg(def, c, 1, 1, kMaxDim);
@@ -108,8 +116,12 @@ void run_forward(const OpDef& def, OpCall& c) {
   p.pos = static_cast<const int32_t*>(reg::tensor(def, c, 1, p.N, "N"));
   p.table = static_cast<const float*>(reg::tensor(def, c, 2, reg::mul(def, {p.P, p.Dh}), "P*headDim"));
   p.out = static_cast<float*>(reg::tensor_min(def, c, 3, need_o, "(N-1)*ldOut + heads*headDim"));
-  rope_forward(p);
+  return p;
 }
+
+namespace {
+void run_table(const OpDef& def, OpCall& c) { rope_table(parse_rope_table(def, c)); }
+void run_forward(const OpDef& def, OpCall& c) { rope_forward(parse_rope_forward(def, c)); }
 }  // namespace
 
 void register_rope(std::vector<OpDef>& out) {

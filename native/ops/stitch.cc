@@ -1,10 +1,12 @@
-// ops/stitch.cc: the fused stitch-mix op entries (checks, dispatch) and their registry specs.
+// ops/stitch.cc: the fused stitch-mix op entries (checks, dispatch), their argument parsers
+// (bts/op_args.h) and registry specs.
 //
 // n (experts) is limited to [1, 4096] so the gathers' int32 lane offsets (up to (W-1)*(n+1)) cannot
 // overflow and so a bad n is an error rather than a huge allocation.
 #include <string>
 
 #include "bts/dispatch.h"
+#include "bts/op_args.h"
 #include "bts/ops.h"
 #include "bts/registry.h"
 
@@ -84,8 +86,9 @@ template <typename T>
 T* f32(const OpDef& def, OpCall& c, size_t i, int64_t len, const char* shape) {
   return static_cast<T*>(reg::tensor(def, c, i, len, shape));
 }
+}  // namespace
 
-void run_eh_forward(const OpDef& def, OpCall& c) {
+StitchEHParams parse_stitch_eh_forward(const OpDef& def, OpCall& c) {
   const Dims s = dims(def, c);
   StitchEHParams p;
   p.N = s.N, p.D = s.D, p.n = s.n;
@@ -93,10 +96,10 @@ void run_eh_forward(const OpDef& def, OpCall& c) {
   p.p = f32<const float>(def, c, 1, s.nND, knND);
   p.G = f32<const float>(def, c, 2, s.G, kG);
   p.out = f32<float>(def, c, 3, s.ND, kND);
-  stitch_eh_forward(p);
+  return p;
 }
 
-void run_eh_backward(const OpDef& def, OpCall& c) {
+StitchEHBackwardParams parse_stitch_eh_backward(const OpDef& def, OpCall& c) {
   const Dims s = dims(def, c);
   StitchEHBackwardParams p;
   p.N = s.N, p.D = s.D, p.n = s.n;
@@ -107,10 +110,10 @@ void run_eh_backward(const OpDef& def, OpCall& c) {
   p.dh0 = f32<float>(def, c, 4, s.ND, kND);
   p.dp = f32<float>(def, c, 5, s.nND, knND);
   p.dG = f32<float>(def, c, 6, s.G, kG);
-  stitch_eh_backward(p);
+  return p;
 }
 
-void run_he_forward(const OpDef& def, OpCall& c) {
+StitchHEParams parse_stitch_he_forward(const OpDef& def, OpCall& c) {
   const Dims s = dims(def, c);
   StitchHEParams p;
   p.N = s.N, p.D = s.D, p.n = s.n;
@@ -118,10 +121,10 @@ void run_he_forward(const OpDef& def, OpCall& c) {
   p.q = f32<const float>(def, c, 1, s.nND, knND);
   p.G = f32<const float>(def, c, 2, s.G, kG);
   p.out = f32<float>(def, c, 3, s.nND, knND);
-  stitch_he_forward(p);
+  return p;
 }
 
-void run_he_backward(const OpDef& def, OpCall& c) {
+StitchHEBackwardParams parse_stitch_he_backward(const OpDef& def, OpCall& c) {
   const Dims s = dims(def, c);
   StitchHEBackwardParams p;
   p.N = s.N, p.D = s.D, p.n = s.n;
@@ -132,8 +135,14 @@ void run_he_backward(const OpDef& def, OpCall& c) {
   p.dh = f32<float>(def, c, 4, s.nND, knND);
   p.dq = f32<float>(def, c, 5, s.nND, knND);
   p.dG = f32<float>(def, c, 6, s.G, kG);
-  stitch_he_backward(p);
+  return p;
 }
+
+namespace {
+void run_eh_forward(const OpDef& def, OpCall& c) { stitch_eh_forward(parse_stitch_eh_forward(def, c)); }
+void run_eh_backward(const OpDef& def, OpCall& c) { stitch_eh_backward(parse_stitch_eh_backward(def, c)); }
+void run_he_forward(const OpDef& def, OpCall& c) { stitch_he_forward(parse_stitch_he_forward(def, c)); }
+void run_he_backward(const OpDef& def, OpCall& c) { stitch_he_backward(parse_stitch_he_backward(def, c)); }
 
 ArgSpec in(const char* name) { return {name, DType::F32, false, false}; }
 ArgSpec out(const char* name) { return {name, DType::F32, false, true}; }

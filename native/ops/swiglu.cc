@@ -1,7 +1,9 @@
-// ops/swiglu.cc: the SwiGLU op entries (checks, dispatch) and their registry specs.
+// ops/swiglu.cc: the SwiGLU op entries (checks, dispatch), their argument parsers (bts/op_args.h) and
+// registry specs.
 #include <string>
 
 #include "bts/dispatch.h"
+#include "bts/op_args.h"
 #include "bts/ops.h"
 #include "bts/registry.h"
 
@@ -27,8 +29,9 @@ void swiglu_backward(const SwigluBackwardParams& p) {
 
 namespace {
 constexpr int64_t kMaxDim = int64_t(1) << 40;
+}  // namespace
 
-void run_forward(const OpDef& def, OpCall& c) {
+SwigluParams parse_swiglu_forward(const OpDef& def, OpCall& c) {
   SwigluParams p;
   p.N = reg::int_arg(def, c, 0, 0, kMaxDim);
   p.F = reg::int_arg(def, c, 1, 1, kMaxDim);
@@ -36,10 +39,10 @@ void run_forward(const OpDef& def, OpCall& c) {
   p.gate = static_cast<const float*>(reg::tensor(def, c, 0, NF, "N*F"));
   p.up = static_cast<const float*>(reg::tensor(def, c, 1, NF, "N*F"));
   p.h = static_cast<float*>(reg::tensor(def, c, 2, NF, "N*F"));
-  swiglu_forward(p);
+  return p;
 }
 
-void run_backward(const OpDef& def, OpCall& c) {
+SwigluBackwardParams parse_swiglu_backward(const OpDef& def, OpCall& c) {
   SwigluBackwardParams p;
   p.N = reg::int_arg(def, c, 0, 0, kMaxDim);
   p.F = reg::int_arg(def, c, 1, 1, kMaxDim);
@@ -49,8 +52,12 @@ void run_backward(const OpDef& def, OpCall& c) {
   p.dh = static_cast<const float*>(reg::tensor(def, c, 2, NF, "N*F"));
   p.dgate = static_cast<float*>(reg::tensor(def, c, 3, NF, "N*F"));
   p.dup = static_cast<float*>(reg::tensor(def, c, 4, NF, "N*F"));
-  swiglu_backward(p);
+  return p;
 }
+
+namespace {
+void run_forward(const OpDef& def, OpCall& c) { swiglu_forward(parse_swiglu_forward(def, c)); }
+void run_backward(const OpDef& def, OpCall& c) { swiglu_backward(parse_swiglu_backward(def, c)); }
 }  // namespace
 
 void register_swiglu(std::vector<OpDef>& out) {

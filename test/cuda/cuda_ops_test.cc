@@ -717,6 +717,23 @@ void test_emulator() {
     BTS_LAUNCH(tiled_sum_kernel, 1, 32, 0, g_stream, din.d, dout.d, false);
   });
   expect_error("barrier_divergence", "divergence", [&] { BTS_LAUNCH(divergent_kernel, 1, 64, 0, g_stream, dout.d); });
+  // Device memory provenance: a host pointer as a kernel argument or as a copy's device side is an
+  // error (on a GPU it faults), so the Node binding's host/device bookkeeping is checked here too.
+  expect_error("host_pointer_kernel_argument", "outside every device allocation", [&] {
+    BTS_LAUNCH(reverse_kernel, 1, 64, 0, g_stream, in.data(), dout.d, true);
+  });
+  expect_error("host_pointer_copy", "invalid argument", [&] {
+    BTS_CUDA_CHECK(cudaMemcpy(in.data(), din.d, sizeof(float), cudaMemcpyHostToDevice));
+  });
+  run_case("emulator", "fresh_allocation_is_nan", 0, [&](Check& c) {
+    float* d = nullptr;
+    BTS_CUDA_CHECK(cudaMalloc(&d, 8 * sizeof(float)));
+    vector<float> h(8, 0.f);
+    BTS_CUDA_CHECK(cudaMemcpy(h.data(), d, 8 * sizeof(float), cudaMemcpyDeviceToHost));
+    BTS_CUDA_CHECK(cudaFree(d));
+    for (float v : h)
+      if (!std::isnan(v)) c.err = 1, c.note = "cudaMalloc returned memory that is not NaN-filled";
+  });
   run_case("emulator", "with_syncthreads_no_race", 0, [&](Check& c) {
     BTS_LAUNCH(reverse_kernel, 1, 64, 0, g_stream, din.d, dout.d, true);
     vector<float> ref(64);

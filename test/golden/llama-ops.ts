@@ -5,6 +5,11 @@
  * head mapping, KV-cache indexing, fused LM-head cross-entropy, gradient accumulation), so clarity
  * comes before speed: one op call per step, every buffer named, shapes in the comments.
  *
+ * The block-level pieces (`blockContext`, `embed`, `blockForward` with or without saved activations,
+ * `blockBackward` with weight gradients or input gradients only) are exported for stitch-ops.ts, the
+ * stitched model's oracle, whose frozen blocks run forward-only or input-gradient-only; trainStep is
+ * built from the same pieces, so llama.test.ts checks them against PyTorch.
+ *
  * Legend: B batch, T sequence, N = B*T rows, V vocab, D hidden, F intermediate, H query heads,
  * Hkv key/value heads, Dh head dim, L layers. Linear weights are [out, in] (HF): forward y = x W^T
  * (GEMM NT), input gradient dx = dy W (NN), weight gradient dW += dy^T x (TN, beta 1).
@@ -120,7 +125,7 @@ export function ropeTableFor(config: LlamaConfig, positions: number): Float32Arr
 // Training step: forward, loss, backward.
 
 /** What the forward keeps per layer for the backward. */
-interface LayerSaved {
+export interface LayerSaved {
   x: Float32Array; //     [N, D] residual stream entering the block
   a: Float32Array; //     [N, D] input_layernorm(x)
   rstd1: Float32Array; // [N]
@@ -135,6 +140,106 @@ interface LayerSaved {
   gate: Float32Array; //  [N, F]
   up: Float32Array; //    [N, F]
   act: Float32Array; //   [N, F] silu(gate) * up (down_proj input)
+}
+
+/** What every block of a [B, T] batch at positions 0..T-1 shares: sizes, positions, RoPE table. */
+export interface BlockContext {
+  B: number;
+  T: number;
+  /** B*T rows. */
+  N: number;
+  /** [N] position of each row: t for row b*T + t. */
+  pos: Int32Array;
+  /** RoPE cos/sin table [T, Dh/2, 2]. */
+  table: Float32Array;
+}
+
+/** The {@link BlockContext} of a [B, T] batch at positions 0..T-1. */
+export function blockContext(config: LlamaConfig, B: number, T: number): BlockContext {
+  const pos = new Int32Array(B * T);
+  for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) pos[b * T + t] = t;
+  return { B, T, N: B * T, pos, table: ropeTableFor(config, T) };
+}
+
+/** Token embeddings [N, D] of ids [N]. */
+export function embed(model: LlamaModel, ids: Int32Array): Float32Array {
+  return ops.embeddingForward({ ids, table: model.embed, dim: model.config.hiddenSize }).out;
+}
+
+/**
+ * Decoder block `i` (0-based) on the residual stream x [N, D]: returns y [N, D] and, when `save`,
+ * the activations its backward needs (without `save` nothing is kept: a forward-only block).
+ */
+export function blockForward(model: LlamaModel, i: number, x: Float32Array, ctx: BlockContext, save: boolean): { y: Float32Array; saved: LayerSaved | null } {
+  const c = model.config;
+  const { hiddenSize: D, intermediateSize: F, numAttentionHeads: H, numKeyValueHeads: Hkv, headDim: Dh, rmsNormEps: eps } = c;
+  const { B, T, N, pos, table } = ctx;
+  const QD = H * Dh; //  q width
+  const KD = Hkv * Dh; // k / v width
+  const w = model.layers[i];
+  const { out: a, rstd: rstd1 } = ops.rmsnormForward({ x, weight: w.inNorm, eps }); // [N, D], [N]
+  const q = linear(a, w.wq, N, D, QD); // [N, H*Dh] = [B, T, H, Dh]
+  const k = linear(a, w.wk, N, D, KD); // [N, Hkv*Dh] = [B, T, Hkv, Dh]
+  const v = linear(a, w.wv, N, D, KD); // [B, T, Hkv, Dh]
+  ops.ropeForward({ x: q, out: q, pos, table, headDim: Dh, heads: H }); // in place
+  ops.ropeForward({ x: k, out: k, pos, table, headDim: Dh, heads: Hkv });
+  const { out: att, lse } = ops.attentionForward({ q, k, v, batch: B, heads: H, kvHeads: Hkv, headDim: Dh, tq: T, tk: T, tcap: T }); // [B,T,H,Dh], [B,H,T]
+  const h = add(x, linear(att, w.wo, N, QD, D)); // [N, D] residual
+  const { out: m, rstd: rstd2 } = ops.rmsnormForward({ x: h, weight: w.postNorm, eps }); // [N, D]
+  const gate = linear(m, w.wGate, N, D, F); // [N, F]
+  const up = linear(m, w.wUp, N, D, F); //     [N, F]
+  const act = ops.swigluForward({ gate, up }).h; // [N, F]
+  const y = add(h, linear(act, w.wDown, N, F, D)); // [N, D] residual
+  return { y, saved: save ? { x, a, rstd1, q, k, v, att, lse, h, m, rstd2, gate, up, act } : null };
+}
+
+/**
+ * Backward of decoder block `i` given dy [N, D] (gradient of its output): returns dx [N, D]. With
+ * `grads` (a map holding a buffer for every weight name of the block) the weight gradients are
+ * accumulated into it; with `grads` null the block is frozen: input gradients only, no dW GEMM
+ * and no norm-weight reduction is run.
+ */
+export function blockBackward(model: LlamaModel, i: number, s: LayerSaved, dy: Float32Array, ctx: BlockContext, grads: Map<string, Float32Array> | null): Float32Array {
+  const c = model.config;
+  const { hiddenSize: D, intermediateSize: F, numAttentionHeads: H, numKeyValueHeads: Hkv, headDim: Dh } = c;
+  const { N, pos, table } = ctx;
+  const QD = H * Dh;
+  const KD = Hkv * Dh;
+  const w = model.layers[i];
+  const p = `model.layers.${i}`;
+  const g = (name: string): Float32Array => {
+    const a = grads!.get(`${p}.${name}`);
+    if (!a) throw new Error(`blockBackward: no gradient buffer for ${p}.${name}`);
+    return a;
+  };
+  // MLP: y = h + down(silu(gate(m)) * up(m)), m = norm2(h)
+  const dAct = linearDx(dy, w.wDown, N, F, D); //                          [N, F]
+  if (grads) linearDw(dy, s.act, g('mlp.down_proj.weight'), N, F, D);
+  const { dgate, dup } = ops.swigluBackward({ gate: s.gate, up: s.up, dh: dAct }); // [N, F] each
+  const dm = linearDx(dgate, w.wGate, N, D, F); //                         [N, D]
+  linearDx(dup, w.wUp, N, D, F, dm, 1); //                                 dm += dup W_up
+  if (grads) {
+    linearDw(dgate, s.m, g('mlp.gate_proj.weight'), N, D, F);
+    linearDw(dup, s.m, g('mlp.up_proj.weight'), N, D, F);
+  }
+  const dhNorm = ops.rmsnormBackward({ x: s.h, weight: w.postNorm, rstd: s.rstd2, dout: dm, dweight: grads ? g('post_attention_layernorm.weight') : null }).dx;
+  const dh = add(dy, dhNorm); //                                            [N, D] residual: both paths
+  // attention: h = x + o(attn(rope(q(a)), rope(k(a)), v(a))), a = norm1(x)
+  const dAtt = linearDx(dh, w.wo, N, QD, D); //                            [B, T, H, Dh]
+  if (grads) linearDw(dh, s.att, g('self_attn.o_proj.weight'), N, QD, D);
+  const { dq, dk, dv } = ops.attentionBackward({ q: s.q, k: s.k, v: s.v, out: s.att, lse: s.lse, dout: dAtt, batch: ctx.B, heads: H, kvHeads: Hkv, headDim: Dh });
+  ops.ropeForward({ x: dq, out: dq, pos, table, headDim: Dh, heads: H, inverse: true }); //   un-rotate: R^T dq
+  ops.ropeForward({ x: dk, out: dk, pos, table, headDim: Dh, heads: Hkv, inverse: true });
+  const da = linearDx(dq, w.wq, N, D, QD); //                               [N, D]
+  linearDx(dk, w.wk, N, D, KD, da, 1);
+  linearDx(dv, w.wv, N, D, KD, da, 1);
+  if (grads) {
+    linearDw(dq, s.a, g('self_attn.q_proj.weight'), N, D, QD);
+    linearDw(dk, s.a, g('self_attn.k_proj.weight'), N, D, KD);
+    linearDw(dv, s.a, g('self_attn.v_proj.weight'), N, D, KD);
+  }
+  const dxNorm = ops.rmsnormBackward({ x: s.x, weight: w.inNorm, rstd: s.rstd1, dout: da, dweight: grads ? g('input_layernorm.weight') : null }).dx;
+  return add(dh, dxNorm); //                                                [N, D] into the block below
 }
 
 export interface StepResult {
@@ -154,33 +259,17 @@ export interface StepResult {
  */
 export function trainStep(model: LlamaModel, ids: Int32Array, targets: Int32Array, B: number, T: number): StepResult {
   const c = model.config;
-  const { vocabSize: V, hiddenSize: D, intermediateSize: F, numAttentionHeads: H, numKeyValueHeads: Hkv, headDim: Dh, rmsNormEps: eps } = c;
-  const N = B * T;
-  const QD = H * Dh; //  q width
-  const KD = Hkv * Dh; // k / v width
-  const table = ropeTableFor(c, T); // [T, Dh/2, 2]
-  const pos = new Int32Array(N); //    [N] position of each row: t for row b*T + t
-  for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) pos[b * T + t] = t;
+  const { vocabSize: V, hiddenSize: D, rmsNormEps: eps } = c;
+  const ctx = blockContext(c, B, T);
+  const N = ctx.N;
 
   // ---- forward
-  let x = ops.embeddingForward({ ids, table: model.embed, dim: D }).out; // [N, D]
+  let x = embed(model, ids); // [N, D]
   const saved: LayerSaved[] = [];
-  for (const w of model.layers) {
-    const { out: a, rstd: rstd1 } = ops.rmsnormForward({ x, weight: w.inNorm, eps }); // [N, D], [N]
-    const q = linear(a, w.wq, N, D, QD); // [N, H*Dh] = [B, T, H, Dh]
-    const k = linear(a, w.wk, N, D, KD); // [N, Hkv*Dh] = [B, T, Hkv, Dh]
-    const v = linear(a, w.wv, N, D, KD); // [B, T, Hkv, Dh]
-    ops.ropeForward({ x: q, out: q, pos, table, headDim: Dh, heads: H }); // in place
-    ops.ropeForward({ x: k, out: k, pos, table, headDim: Dh, heads: Hkv });
-    const { out: att, lse } = ops.attentionForward({ q, k, v, batch: B, heads: H, kvHeads: Hkv, headDim: Dh, tq: T, tk: T, tcap: T }); // [B,T,H,Dh], [B,H,T]
-    const h = add(x, linear(att, w.wo, N, QD, D)); // [N, D] residual
-    const { out: m, rstd: rstd2 } = ops.rmsnormForward({ x: h, weight: w.postNorm, eps }); // [N, D]
-    const gate = linear(m, w.wGate, N, D, F); // [N, F]
-    const up = linear(m, w.wUp, N, D, F); //     [N, F]
-    const act = ops.swigluForward({ gate, up }).h; // [N, F]
-    const xNext = add(h, linear(act, w.wDown, N, F, D)); // [N, D] residual
-    saved.push({ x, a, rstd1, q, k, v, att, lse, h, m, rstd2, gate, up, act });
-    x = xNext;
+  for (let i = 0; i < c.numHiddenLayers; i++) {
+    const r = blockForward(model, i, x, ctx, true);
+    saved.push(r.saved!);
+    x = r.y;
   }
   const { out: xf, rstd: rstdF } = ops.rmsnormForward({ x, weight: model.norm, eps }); // [N, D] final norm
   const logits = linear(xf, model.lmHead, N, D, V); // [N, V] = [B, T, V], for comparison only
@@ -197,35 +286,7 @@ export function trainStep(model: LlamaModel, ids: Int32Array, targets: Int32Arra
   // ---- backward
   // final norm: dx [N, D] = gradient of the residual stream after the last block
   let dx = ops.rmsnormBackward({ x, weight: model.norm, rstd: rstdF, dout: ce.dx!, dweight: g('model.norm.weight') }).dx;
-  for (let i = c.numHiddenLayers - 1; i >= 0; i--) {
-    const w = model.layers[i];
-    const s = saved[i];
-    const p = `model.layers.${i}`;
-    // MLP: xNext = h + down(silu(gate(m)) * up(m)), m = norm2(h)
-    const dAct = linearDx(dx, w.wDown, N, F, D); //                          [N, F]
-    linearDw(dx, s.act, g(`${p}.mlp.down_proj.weight`), N, F, D);
-    const { dgate, dup } = ops.swigluBackward({ gate: s.gate, up: s.up, dh: dAct }); // [N, F] each
-    const dm = linearDx(dgate, w.wGate, N, D, F); //                         [N, D]
-    linearDx(dup, w.wUp, N, D, F, dm, 1); //                                 dm += dup W_up
-    linearDw(dgate, s.m, g(`${p}.mlp.gate_proj.weight`), N, D, F);
-    linearDw(dup, s.m, g(`${p}.mlp.up_proj.weight`), N, D, F);
-    const dhNorm = ops.rmsnormBackward({ x: s.h, weight: w.postNorm, rstd: s.rstd2, dout: dm, dweight: g(`${p}.post_attention_layernorm.weight`) }).dx;
-    const dh = add(dx, dhNorm); //                                            [N, D] residual: both paths
-    // attention: h = x + o(attn(rope(q(a)), rope(k(a)), v(a))), a = norm1(x)
-    const dAtt = linearDx(dh, w.wo, N, QD, D); //                            [B, T, H, Dh]
-    linearDw(dh, s.att, g(`${p}.self_attn.o_proj.weight`), N, QD, D);
-    const { dq, dk, dv } = ops.attentionBackward({ q: s.q, k: s.k, v: s.v, out: s.att, lse: s.lse, dout: dAtt, batch: B, heads: H, kvHeads: Hkv, headDim: Dh });
-    ops.ropeForward({ x: dq, out: dq, pos, table, headDim: Dh, heads: H, inverse: true }); //   un-rotate: R^T dq
-    ops.ropeForward({ x: dk, out: dk, pos, table, headDim: Dh, heads: Hkv, inverse: true });
-    const da = linearDx(dq, w.wq, N, D, QD); //                               [N, D]
-    linearDx(dk, w.wk, N, D, KD, da, 1);
-    linearDx(dv, w.wv, N, D, KD, da, 1);
-    linearDw(dq, s.a, g(`${p}.self_attn.q_proj.weight`), N, D, QD);
-    linearDw(dk, s.a, g(`${p}.self_attn.k_proj.weight`), N, D, KD);
-    linearDw(dv, s.a, g(`${p}.self_attn.v_proj.weight`), N, D, KD);
-    const dxNorm = ops.rmsnormBackward({ x: s.x, weight: w.inNorm, rstd: s.rstd1, dout: da, dweight: g(`${p}.input_layernorm.weight`) }).dx;
-    dx = add(dh, dxNorm); //                                                  [N, D] into the block below
-  }
+  for (let i = c.numHiddenLayers - 1; i >= 0; i--) dx = blockBackward(model, i, saved[i], dx, ctx, grads);
   ops.embeddingBackward({ ids, dout: dx, dtable: g('model.embed_tokens.weight'), dim: D });
   return { loss: ce.loss, count, logits, grads };
 }

@@ -46,7 +46,11 @@ struct OpDef {
 const std::vector<OpDef>& op_registry();
 const OpDef* find_op(const std::string& name);
 
-// Checks counts of tensors/scalars and dtypes, then calls def.run. Throws bts::Error.
+// Checks counts of tensors/scalars, that required tensors are present and their dtypes (E_ARGUMENT /
+// E_DTYPE naming the argument). Shared by every backend called by name (see bts/op_args.h).
+void check_call(const OpDef& def, const OpCall& call);
+
+// Finds the op (E_UNKNOWN_OP), check_call, then def.run. Throws bts::Error.
 void call_op(const std::string& name, OpCall& call);
 
 // Helpers for OpDef::run implementations.

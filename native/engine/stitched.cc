@@ -1,0 +1,755 @@
+// stitched.cc: the stitched model of stitched.h: validation, the training step (forward saving what
+// the backward needs from the first trained stitch on, hub loss, backward to the stitch tensors only),
+// forward-only loss / logits / gate record, and KV-cached prefill / decode. Data flow as
+// test/golden/stitch-ops.ts (the TS oracle checked against PyTorch); this file chooses the buffers.
+//
+// Training step, N = B*T rows, M = n + 1 models, j0 = block of the first trained stitch k0:
+//   blocks 1..j0 of every model, and the stitches before k0: forward-only, in place, nothing kept
+//   H[p] [N, D], E[p] [n, N, D] for p = j0..L: the models' states after block p (before a stitch
+//     there); expert states only up to the last E->H stitch (later expert blocks never run)
+//   stitch k at block j (k >= k0): G_k [N, D*M] (effective logits: dropout mask, hub bias), mixed_k
+//     [n, N, D] (p_e or q_e), and its output: E->H O0_k [N, D] (h0'), experts -> mixed_k (projected)
+//     or E[j] (unchanged); H->E Os_k [n, N, D] (h_e'), hub -> H[j]
+//   block j+1 reads the output of the stitch at j or, without one, H[j] / E[j]; its BlockActs point
+//   at that input, which stays untouched until the backward
+//   loss: xf = norm(hub final state); fused cross-entropy, dx only (frozen head); norm backward
+//   backward, j = L down to j0: stitch backward at j (dW of its tensors; dh0 / dhs of its inputs
+//     unless k == k0), then, if j > j0, hub block j input gradient in place on dh0 and, while an
+//     E->H stitch above has mixed the experts in (dhs live), expert block j likewise on dhs.
+// Decode / prefill: every model's block j through block_decode against its own cache, then the stitch
+// at j in place on the rows (the E->H "projected" expert output just swaps two buffers).
+#include "stitched.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <utility>
+
+#include "bts/ops.h"
+#include "bts/threadpool.h"
+#include "linear.h"
+
+namespace bts {
+namespace engine {
+
+using namespace detail;
+
+namespace {
+
+constexpr int64_t kMaxRows = int64_t(1) << 24;  // B*T (and decode rows) per call, as the engine
+constexpr int64_t kMaxExperts = 4096;           // as the stitch ops
+
+std::string S(int64_t x) { return std::to_string(x); }
+
+[[noreturn]] void fail(const char* code, const std::string& msg) { throw Error(code, msg); }
+
+int64_t align16(int64_t n) { return (n + 15) & ~int64_t(15); }
+
+// splitmix64 finaliser: the dropout mask's hash.
+inline uint64_t mix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// Per-stitch key of the dropout mask; entry i is dropped when mix64(key + i) < threshold.
+inline uint64_t dropout_key(uint64_t seed, int64_t k) { return mix64(seed ^ mix64(0x632be59bd9b4e019ull * uint64_t(k + 1))); }
+
+inline uint64_t dropout_threshold(float p) {
+  if (!(p > 0.f)) return 0;
+  return uint64_t(std::ldexp(double(p), 64));  // p < 1 so this stays below 2^64
+}
+
+// Zeroes the entries of x [rows, cols] (rows starting at global row r0) that the mask drops.
+void apply_mask(float* x, int64_t rows, int64_t cols, uint64_t key, uint64_t threshold) {
+  parallel_for(rows, std::max<int64_t>(1, 16384 / cols), [&](int64_t r0, int64_t r1, int) {
+    for (int64_t r = r0; r < r1; r++) {
+      float* row = x + r * cols;
+      const uint64_t base = key + uint64_t(r * cols);
+      for (int64_t i = 0; i < cols; i++)
+        if (mix64(base + uint64_t(i)) < threshold) row[i] = 0.f;
+    }
+  });
+}
+
+// y [rows, out] (= or +=) x [rows, in] W^T for an fp32 stitch weight W [out, in].
+void lin(const float* W, const float* x, int64_t rows, int64_t in, int64_t out, float* y, float beta) {
+  Weight w;
+  w.f32 = W;
+  linear_fwd(w, x, rows, in, out, y, beta);
+}
+
+// dx [rows, in] (= or +=) dy [rows, out] W.
+void lin_dx(const float* W, const float* dy, int64_t rows, int64_t in, int64_t out, float* dx, float beta) {
+  Weight w;
+  w.f32 = W;
+  linear_dx(w, dy, rows, in, out, dx, beta);
+}
+
+// Bump allocator over one float vector: offsets first (plan), pointers after the vector is sized.
+struct Arena {
+  int64_t size = 0;
+  int64_t take(int64_t n) {
+    const int64_t at = size;
+    size += align16(n);
+    return at;
+  }
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------
+// Cache.
+
+StitchedCache::StitchedCache(const LlamaConfig& c, int64_t models, int64_t slots, int64_t capacity) {
+  if (models < 2 || models > kMaxExperts + 1) fail("E_ARGUMENT", "createCache: models must be in 2.." + S(kMaxExperts + 1) + ", got " + S(models));
+  for (int64_t m = 0; m < models; m++) caches_.emplace_back(new KvCache(c, slots, capacity));
+}
+
+void StitchedCache::reset(int64_t slot) { truncate(slot, 0); }
+
+void StitchedCache::truncate(int64_t slot, int64_t length) {
+  caches_[0]->truncate(slot, length);  // validates slot and length
+  for (size_t m = 1; m < caches_.size(); m++) caches_[m]->set_length(slot, length);
+}
+
+size_t StitchedCache::bytes() const {
+  size_t s = 0;
+  for (const auto& c : caches_) s += c->bytes();
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Construction.
+
+StitchedModel::StitchedModel(const LlamaConfig& c, const ModelWeights& hub, const std::vector<ModelWeights>& experts,
+                             const StitchSpec& spec, const StitchWeights& w, const StitchGrads* grads)
+    : c_(c), hub_(hub), experts_(experts), spec_(spec), w_(w) {
+  validate_config(c);
+  n_ = int64_t(experts.size());
+  if (n_ < 1 || n_ > kMaxExperts) fail("E_ARGUMENT", "stitched: the number of experts must be in 1.." + S(kMaxExperts) + ", got " + S(n_));
+  M_ = n_ + 1;
+  L_ = c.L;
+  if (c.D * M_ > (int64_t(1) << 31)) fail("E_ARGUMENT", "stitched: hiddenSize * (experts + 1) is too large");
+  // Every model's weights as the engine checks them (present, one dtype per matrix, fp32 norms).
+  auto check_model = [&](ModelWeights& m, const std::string& who) {
+    try {
+      LlamaModel probe(c, m, nullptr);
+    } catch (const Error& e) {
+      fail(e.code.c_str(), "stitched: " + who + ": " + e.what());
+    }
+    if (c.tie) m.lm_head = m.embed;
+  };
+  check_model(hub_, "hub");
+  for (int64_t e = 0; e < n_; e++) check_model(experts_[size_t(e)], "expert " + S(e));
+
+  // Spec.
+  K_ = int64_t(spec.stitches.size());
+  if (K_ < 1 || K_ > L_) fail("E_ARGUMENT", "stitched: the number of stitches must be in 1..numHiddenLayers (" + S(L_) + "), got " + S(K_));
+  stitch_at_.assign(size_t(L_ + 1), -1);
+  int64_t prev = 0;
+  for (int64_t k = 0; k < K_; k++) {
+    const StitchPoint& s = spec.stitches[size_t(k)];
+    if (s.after_block < 1 || s.after_block > L_)
+      fail("E_ARGUMENT", "stitched: stitches[" + S(k) + "].afterBlock must be in 1.." + S(L_) + ", got " + S(s.after_block));
+    if (s.after_block <= prev)
+      fail("E_ARGUMENT", "stitched: stitches[" + S(k) + "].afterBlock " + S(s.after_block) + " must be greater than the previous one (" + S(prev) + ")");
+    if (s.type != StitchType::EH && s.type != StitchType::HE) fail("E_ARGUMENT", "stitched: stitches[" + S(k) + "].type is invalid");
+    prev = s.after_block;
+    stitch_at_[size_t(s.after_block)] = k;
+    if (s.type == StitchType::EH) last_eh_ = s.after_block;
+  }
+  if (!std::isfinite(spec.hub_bias)) fail("E_ARGUMENT", "stitched: hubBias must be finite, got " + std::to_string(spec.hub_bias));
+  if (!(spec.gate_dropout >= 0.f && spec.gate_dropout < 1.f))
+    fail("E_ARGUMENT", "stitched: gateDropout must be in [0, 1), got " + std::to_string(spec.gate_dropout));
+
+  // Stitch weights.
+  if (int64_t(w_.proj.size()) != K_ || int64_t(w_.gate.size()) != K_)
+    fail("E_ARGUMENT", "stitched: stitch weights for " + S(int64_t(w_.gate.size())) + " stitches, the spec has " + S(K_));
+  for (int64_t k = 0; k < K_; k++) {
+    if (int64_t(w_.proj[size_t(k)].size()) != n_)
+      fail("E_ARGUMENT", "stitched: stitch " + S(k) + " has " + S(int64_t(w_.proj[size_t(k)].size())) + " projections, expected " + S(n_));
+    for (int64_t e = 0; e < n_; e++)
+      if (!w_.proj[size_t(k)][size_t(e)]) fail("E_ARGUMENT", "stitched: stitch tensor stitch." + S(k) + ".proj." + S(e) + ".weight is missing");
+    if (!w_.gate[size_t(k)]) fail("E_ARGUMENT", "stitched: stitch tensor stitch." + S(k) + ".gate.weight is missing");
+  }
+  if (grads) g_ = *grads;
+  if (g_.proj.empty()) g_.proj.assign(size_t(K_), std::vector<float*>(size_t(n_), nullptr));
+  if (g_.gate.empty()) g_.gate.assign(size_t(K_), nullptr);
+  if (int64_t(g_.proj.size()) != K_ || int64_t(g_.gate.size()) != K_)
+    fail("E_ARGUMENT", "stitched: stitch gradients for " + S(int64_t(g_.gate.size())) + " stitches, the spec has " + S(K_));
+  for (int64_t k = 0; k < K_; k++)
+    if (int64_t(g_.proj[size_t(k)].size()) != n_)
+      fail("E_ARGUMENT", "stitched: stitch " + S(k) + " has " + S(int64_t(g_.proj[size_t(k)].size())) + " projection gradients, expected " + S(n_));
+  first_trained_ = K_;
+  trainable_any_ = false;
+  for (int64_t k = K_ - 1; k >= 0; k--) {
+    bool any = g_.gate[size_t(k)] != nullptr;
+    for (float* p : g_.proj[size_t(k)]) any = any || p != nullptr;
+    if (!any) continue;
+    trainable_any_ = true;
+    if (active(k)) first_trained_ = k;
+  }
+}
+
+bool StitchedModel::active(int64_t k) const {
+  const StitchPoint& s = spec_.stitches[size_t(k)];
+  return s.type == StitchType::EH || s.after_block < last_eh_;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Helpers.
+
+void StitchedModel::check_shape(const char* op, int64_t B, int64_t T) const {
+  if (B < 1 || T < 1) fail("E_ARGUMENT", std::string(op) + ": B and T must be >= 1, got B = " + S(B) + ", T = " + S(T));
+  if (T > c_.max_pos) fail("E_ARGUMENT", std::string(op) + ": T = " + S(T) + " exceeds maxPositionEmbeddings = " + S(c_.max_pos));
+  if (B > kMaxRows || B * T > kMaxRows)
+    fail("E_ARGUMENT", std::string(op) + ": B*T = " + S(B * T) + " exceeds the limit of " + S(kMaxRows) + " rows per call");
+}
+
+void StitchedModel::check_ids(const char* op, const char* arg, const int32_t* ids, int64_t n, bool allow_ignore) const {
+  for (int64_t i = 0; i < n; i++) {
+    const int32_t t = ids[i];
+    if ((t < 0 || int64_t(t) >= c_.V) && !(allow_ignore && t == -100))
+      fail("E_TOKEN_RANGE", std::string(op) + ": '" + arg + "' at position " + S(i) + " is " + S(t) + ", outside [0, V) with V = " +
+                                S(c_.V) + (allow_ignore ? " (and not the ignore index -100)" : ""));
+  }
+}
+
+void StitchedModel::check_cache(const char* op, StitchedCache& cache) const {
+  if (cache.models() != M_ || !cache.model(0).compatible(c_))
+    fail("E_ARGUMENT", std::string(op) + ": the cache was made for another model (" + S(cache.models()) + " models; this one has " + S(M_) + ")");
+}
+
+float* StitchedModel::grow(std::vector<float>& v, int64_t n) {
+  if (int64_t(v.size()) < n) {
+    v.clear();
+    v.shrink_to_fit();
+    v.resize(size_t(n));
+  }
+  return v.data();
+}
+
+void StitchedModel::ensure_rope(int64_t P) {
+  if (P <= rope_P_) return;
+  rope_.assign(size_t(P * c_.Dh), 0.f);
+  RopeTableParams p;
+  p.P = P, p.Dh = c_.Dh, p.theta = c_.rope.theta;
+  p.factor = c_.rope.factor, p.low_freq_factor = c_.rope.low_freq_factor, p.high_freq_factor = c_.rope.high_freq_factor;
+  p.original_max_position_embeddings = c_.rope.original_max_position_embeddings;
+  p.table = rope_.data();
+  rope_table(p);
+  rope_P_ = P;
+}
+
+void StitchedModel::embed(const ModelWeights& w, const int32_t* ids, int64_t n, float* out) {
+  const int64_t D = c_.D;
+  if (w.embed.f32) {
+    EmbeddingParams p;
+    p.N = n, p.V = c_.V, p.D = D, p.ids = ids, p.table = w.embed.f32, p.out = out;
+    embedding_forward(p);
+    return;
+  }
+  const bf16* t = w.embed.b16;  // bf16 table: gather and widen (ids already checked)
+  parallel_for(n, std::max<int64_t>(1, 8192 / D), [&](int64_t r0, int64_t r1, int) {
+    for (int64_t r = r0; r < r1; r++) {
+      const bf16* src = t + int64_t(ids[r]) * D;
+      float* dst = out + r * D;
+      for (int64_t d = 0; d < D; d++) dst[d] = bf16_to_f32(src[d]);
+    }
+  });
+}
+
+const float* StitchedModel::head_f32() {
+  if (hub_.lm_head.f32) return hub_.lm_head.f32;
+  const int64_t n = c_.V * c_.D;
+  if (int64_t(head32_.size()) != n) {
+    head32_.resize(size_t(n));
+    const bf16* src = hub_.lm_head.b16;
+    float* dst = head32_.data();
+    parallel_for(n, 1 << 16, [&](int64_t i0, int64_t i1, int) {
+      for (int64_t i = i0; i < i1; i++) dst[i] = bf16_to_f32(src[i]);
+    });
+  }
+  return head32_.data();
+}
+
+void StitchedModel::gate_logits(int64_t k, const float* h0, int64_t rows, float* G, bool dropout, uint64_t seed) {
+  const int64_t D = c_.D, DM = D * M_;
+  lin(w_.gate[size_t(k)], h0, rows, D, DM, G, 0.f);  // [rows, D*M]
+  if (dropout) {
+    const uint64_t thr = dropout_threshold(spec_.gate_dropout);
+    if (thr) apply_mask(G, rows, DM, dropout_key(seed, k), thr);
+  }
+  const float b = spec_.hub_bias;
+  if (b == 0.f) return;
+  const bool eh = spec_.stitches[size_t(k)].type == StitchType::EH;
+  const int64_t M = M_;
+  parallel_for(rows * D, 1 << 14, [&](int64_t i0, int64_t i1, int) {
+    for (int64_t i = i0; i < i1; i++) {
+      float* g = G + i * M;  // the M logits of one (row, dim)
+      if (eh) g[0] += b;
+      else
+        for (int64_t m = 1; m < M; m++) g[m] -= b;
+    }
+  });
+}
+
+void StitchedModel::stitch_inplace(int64_t k, int64_t rows, float* x0, float*& xs, float*& mixed, float* G, bool grouped) {
+  const int64_t D = c_.D, RD = rows * D;
+  const bool eh = spec_.stitches[size_t(k)].type == StitchType::EH;
+  // task 0: the gate logits; task e+1: expert e's projection (p_e = h_e Wp_e^T, or q_e = h0 Wp_e^T)
+  auto task = [&](int64_t i) {
+    if (i == 0) gate_logits(k, x0, rows, G, false, 0);
+    else lin(w_.proj[size_t(k)][size_t(i - 1)], eh ? xs + (i - 1) * RD : x0, rows, D, D, mixed + (i - 1) * RD, 0.f);
+  };
+  if (grouped)
+    parallel_for(M_, 1, [&](int64_t i0, int64_t i1, int) {
+      for (int64_t i = i0; i < i1; i++) task(i);
+    });
+  else
+    for (int64_t i = 0; i < M_; i++) task(i);
+  if (eh) {
+    StitchEHParams p;
+    p.N = rows, p.D = D, p.n = n_, p.h0 = x0, p.p = mixed, p.G = G, p.out = x0;
+    stitch_eh_forward(p);
+    if (spec_.projected) std::swap(xs, mixed);  // h_e' = p_e
+  } else {
+    StitchHEParams p;
+    p.N = rows, p.D = D, p.n = n_, p.h = xs, p.q = mixed, p.G = G, p.out = xs;
+    stitch_he_forward(p);
+  }
+}
+
+namespace {
+
+// out [rows, M] (row stride ld): the mean over the D dims of stitch gates from logits G [rows, D*M].
+void gate_means(const float* G, int64_t rows, int64_t D, int64_t M, bool eh, float* out, int64_t ld) {
+  parallel_for(rows, 1, [&](int64_t r0, int64_t r1, int) {
+    std::vector<double> acc(static_cast<size_t>(M));
+    std::vector<double> e(static_cast<size_t>(M));
+    for (int64_t r = r0; r < r1; r++) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t d = 0; d < D; d++) {
+        const float* g = G + (r * D + d) * M;
+        if (eh) {
+          double mx = g[0];
+          for (int64_t m = 1; m < M; m++) mx = std::max(mx, double(g[m]));
+          double s = 0;
+          for (int64_t m = 0; m < M; m++) s += (e[size_t(m)] = std::exp(double(g[m]) - mx));
+          for (int64_t m = 0; m < M; m++) acc[size_t(m)] += e[size_t(m)] / s;
+        } else {
+          for (int64_t m = 1; m < M; m++) acc[size_t(m)] += 1.0 / (1.0 + std::exp(-double(g[m])));
+        }
+      }
+      for (int64_t m = 0; m < M; m++) out[r * ld + m] = float(acc[size_t(m)] / double(D));
+    }
+  });
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------
+// Forward without saving (loss, logits, gates).
+
+float* StitchedModel::forward_infer(const int32_t* ids, int64_t B, int64_t T, float* gates_out) {
+  const int64_t N = B * T, D = c_.D, ND = N * D;
+  ensure_rope(T);
+  pos_.resize(std::max(pos_.size(), size_t(N)));
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t t = 0; t < T; t++) pos_[size_t(b * T + t)] = int32_t(t);
+  BlockCtx ctx;
+  ctx.B = B, ctx.T = T, ctx.rope = rope_.data(), ctx.P = rope_P_, ctx.pos = pos_.data();
+  float* x0 = grow(x0_, ND);
+  float* xs = grow(xs_, n_ * ND);
+  float* mixed = grow(mix_, n_ * ND);
+  float* G = grow(G_, N * D * M_);
+  embed(hub_, ids, N, x0);
+  if (last_eh_ > 0)
+    for (int64_t e = 0; e < n_; e++) embed(experts_[size_t(e)], ids, N, xs + e * ND);
+  for (int64_t j = 1; j <= L_; j++) {
+    block_forward(c_, hub_.layers[size_t(j - 1)], ctx, x0, x0, nullptr, ws_);
+    if (j <= last_eh_)
+      for (int64_t e = 0; e < n_; e++) block_forward(c_, experts_[size_t(e)].layers[size_t(j - 1)], ctx, xs + e * ND, xs + e * ND, nullptr, ws_);
+    const int64_t k = stitch_at_[size_t(j)];
+    if (k < 0) continue;
+    if (active(k)) stitch_inplace(k, N, x0, xs, mixed, G, false);
+    else if (gates_out) gate_logits(k, x0, N, G, false, 0);  // inactive H->E: only its gate is recorded
+    // stitch_inplace leaves G = this stitch's logits (the mix never changes G)
+    if (gates_out) gate_means(G, N, D, M_, spec_.stitches[size_t(k)].type == StitchType::EH, gates_out + k * N * M_, M_);
+  }
+  return x0;
+}
+
+StitchedModel::Loss StitchedModel::loss(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T, float* losses) {
+  const char* op = "loss";
+  ComputeLock lock;
+  check_shape(op, B, T);
+  const int64_t N = B * T, D = c_.D;
+  check_ids(op, "inputs", inputs, N, false);
+  check_ids(op, "targets", targets, N, true);
+  const float* h = forward_infer(inputs, B, T, nullptr);
+  float* xf = grow(xf_, N * D);
+  rmsnorm(h, hub_.norm, N, D, c_.eps, xf, nullptr);
+  Loss out;
+  CrossEntropyParams ce;
+  ce.N = N, ce.D = D, ce.V = c_.V, ce.ignore_index = -100;
+  ce.x = xf, ce.w = head_f32(), ce.targets = targets, ce.losses = losses;
+  ce.loss_sum = &out.sum, ce.count = &out.count;
+  cross_entropy_forward_backward(ce);
+  return out;
+}
+
+void StitchedModel::logits(const int32_t* tokens, int64_t B, int64_t T, float* out) {
+  const char* op = "logits";
+  ComputeLock lock;
+  check_shape(op, B, T);
+  const int64_t N = B * T, D = c_.D;
+  check_ids(op, "tokens", tokens, N, false);
+  const float* h = forward_infer(tokens, B, T, nullptr);
+  float* xf = grow(xf_, N * D);
+  rmsnorm(h, hub_.norm, N, D, c_.eps, xf, nullptr);
+  linear_fwd(hub_.lm_head, xf, N, D, c_.V, out, 0.f);
+}
+
+void StitchedModel::gates(const int32_t* tokens, int64_t T, float* out) {
+  const char* op = "gates";
+  ComputeLock lock;
+  check_shape(op, 1, T);
+  check_ids(op, "tokens", tokens, T, false);
+  forward_infer(tokens, 1, T, out);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Training step.
+
+StitchedModel::Loss StitchedModel::forward_backward(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T,
+                                                    float grad_scale, uint64_t dropout_seed) {
+  const char* op = "forwardBackward";
+  ComputeLock lock;
+  if (!trainable_any_)
+    fail("E_ARGUMENT", std::string(op) + ": the stitched model was created without gradient buffers (frozen stitches); pass grads to train");
+  check_shape(op, B, T);
+  if (!std::isfinite(grad_scale)) fail("E_ARGUMENT", std::string(op) + ": gradScale must be finite, got " + std::to_string(grad_scale));
+  const int64_t N = B * T, D = c_.D, ND = N * D, M = M_, n = n_, DM = D * M, L = L_;
+  check_ids(op, "inputs", inputs, N, false);
+  check_ids(op, "targets", targets, N, true);
+
+  // Trained stitches that are all inactive (H->E after the last E->H): their gradients are zero.
+  if (first_trained_ >= K_) {
+    Loss out;
+    const float* h = forward_infer(inputs, B, T, nullptr);
+    float* xf = grow(xf_, ND);
+    rmsnorm(h, hub_.norm, N, D, c_.eps, xf, nullptr);
+    CrossEntropyParams ce;
+    ce.N = N, ce.D = D, ce.V = c_.V, ce.ignore_index = -100;
+    ce.x = xf, ce.w = head_f32(), ce.targets = targets, ce.loss_sum = &out.sum, ce.count = &out.count;
+    cross_entropy_forward_backward(ce);
+    return out;
+  }
+
+  const int64_t k0 = first_trained_;
+  const int64_t j0 = spec_.stitches[size_t(k0)].after_block;
+  const int64_t je = std::min(L, last_eh_);  // last block whose expert output matters (>= j0: k0 is active)
+  const bool drop = dropout_threshold(spec_.gate_dropout) != 0;
+
+  ensure_rope(T);
+  pos_.resize(std::max(pos_.size(), size_t(N)));
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t t = 0; t < T; t++) pos_[size_t(b * T + t)] = int32_t(t);
+  BlockCtx ctx;
+  ctx.B = B, ctx.T = T, ctx.rope = rope_.data(), ctx.P = rope_P_, ctx.pos = pos_.data();
+
+  // ---- plan the arena: states, stitch buffers, saved activations
+  const int64_t per = BlockActs::floats(c_, B, T);
+  Arena a;
+  std::vector<int64_t> oH(size_t(L + 1), -1), oE(size_t(L + 1), -1);
+  for (int64_t p = j0; p <= L; p++) oH[size_t(p)] = a.take(ND);
+  for (int64_t p = j0; p <= je; p++) oE[size_t(p)] = a.take(n * ND);
+  std::vector<int64_t> oG(size_t(K_), -1), oMix(size_t(K_), -1), oOut(size_t(K_), -1);
+  for (int64_t k = k0; k < K_; k++) {
+    if (!active(k)) continue;
+    oG[size_t(k)] = a.take(N * DM);
+    oMix[size_t(k)] = a.take(n * ND);
+    oOut[size_t(k)] = a.take(spec_.stitches[size_t(k)].type == StitchType::EH ? ND : n * ND);
+  }
+  std::vector<int64_t> oActH(size_t(L + 1), -1), oActE(size_t(L + 1), -1);
+  for (int64_t j = j0 + 1; j <= L; j++) oActH[size_t(j)] = a.take(per);
+  for (int64_t j = j0 + 1; j <= je; j++) oActE[size_t(j)] = a.take(n * per);
+  float* base = grow(states_, a.size);
+  auto at = [&](int64_t off) { return base + off; };
+
+  // ---- prefix: blocks 1..j0 and stitches before k0, forward-only, in place into H[j0] / E[j0]
+  float* x0 = at(oH[size_t(j0)]);
+  float* xs = at(oE[size_t(j0)]);
+  {
+    float* mixed = grow(mix_, n * ND);
+    float* G = grow(G_, N * DM);
+    float* xs_home = xs;
+    embed(hub_, inputs, N, x0);
+    for (int64_t e = 0; e < n; e++) embed(experts_[size_t(e)], inputs, N, xs + e * ND);
+    for (int64_t j = 1; j <= j0; j++) {
+      block_forward(c_, hub_.layers[size_t(j - 1)], ctx, x0, x0, nullptr, ws_);
+      for (int64_t e = 0; e < n; e++) block_forward(c_, experts_[size_t(e)].layers[size_t(j - 1)], ctx, xs + e * ND, xs + e * ND, nullptr, ws_);
+      const int64_t k = stitch_at_[size_t(j)];
+      if (k >= 0 && k < k0 && active(k)) stitch_inplace(k, N, x0, xs, mixed, G, false);
+    }
+    if (xs != xs_home) copy(xs_home, xs, n * ND);  // a projected E->H swapped the buffers
+  }
+
+  // ---- forward from j0, saving
+  float* cur0 = nullptr;  // the hub's state entering the next block (output of the stitch at j, or H[j])
+  float* curs = nullptr;  // the experts' [n, N, D]
+  std::vector<BlockActs>& acts = act_views_;
+  acts.assign(size_t((L + 1) * M), BlockActs());
+  auto act = [&](int64_t j, int64_t m) -> BlockActs& { return acts[size_t(j * M + m)]; };
+  for (int64_t j = j0; j <= L; j++) {
+    float* Hj = at(oH[size_t(j)]);
+    float* Ej = j <= je ? at(oE[size_t(j)]) : nullptr;
+    if (j > j0) {
+      act(j, 0) = BlockActs::bind(c_, B, T, at(oActH[size_t(j)]));
+      block_forward(c_, hub_.layers[size_t(j - 1)], ctx, cur0, Hj, &act(j, 0), ws_);
+      if (j <= je)
+        for (int64_t e = 0; e < n; e++) {
+          act(j, e + 1) = BlockActs::bind(c_, B, T, at(oActE[size_t(j)]) + e * per);
+          block_forward(c_, experts_[size_t(e)].layers[size_t(j - 1)], ctx, curs + e * ND, Ej + e * ND, &act(j, e + 1), ws_);
+        }
+    }
+    cur0 = Hj;
+    curs = Ej;
+    const int64_t k = stitch_at_[size_t(j)];
+    if (k < 0 || !active(k)) continue;
+    float* G = at(oG[size_t(k)]);
+    float* mixed = at(oMix[size_t(k)]);
+    float* out = at(oOut[size_t(k)]);
+    gate_logits(k, Hj, N, G, drop, dropout_seed);
+    if (spec_.stitches[size_t(k)].type == StitchType::EH) {
+      for (int64_t e = 0; e < n; e++) lin(w_.proj[size_t(k)][size_t(e)], Ej + e * ND, N, D, D, mixed + e * ND, 0.f);  // p_e
+      StitchEHParams p;
+      p.N = N, p.D = D, p.n = n, p.h0 = Hj, p.p = mixed, p.G = G, p.out = out;
+      stitch_eh_forward(p);
+      cur0 = out;
+      curs = spec_.projected ? mixed : Ej;
+    } else {
+      for (int64_t e = 0; e < n; e++) lin(w_.proj[size_t(k)][size_t(e)], Hj, N, D, D, mixed + e * ND, 0.f);  // q_e
+      StitchHEParams p;
+      p.N = N, p.D = D, p.n = n, p.h = Ej, p.q = mixed, p.G = G, p.out = out;
+      stitch_he_forward(p);
+      curs = out;
+    }
+  }
+  const float* hL = cur0;  // the hub's final state [N, D]
+
+  // ---- loss: hub final norm + fused LM-head cross-entropy (frozen: dx only)
+  float* xf = grow(xf_, ND);
+  float* rstdf = grow(rstdf_, N);
+  rmsnorm(hL, hub_.norm, N, D, c_.eps, xf, rstdf);
+  float* dh0 = grow(dh0_, ND);
+  Loss out;
+  CrossEntropyParams ce;
+  ce.N = N, ce.D = D, ce.V = c_.V, ce.ignore_index = -100;
+  ce.x = xf, ce.w = head_f32(), ce.targets = targets;
+  ce.loss_sum = &out.sum, ce.count = &out.count, ce.grad_scale = grad_scale;
+  ce.dx = dh0, ce.dw = nullptr;
+  cross_entropy_forward_backward(ce);
+  rmsnorm_bwd(hL, hub_.norm, rstdf, N, D, dh0, nullptr);
+
+  // ---- backward
+  float* dhs = grow(dhs_, n * ND);   // the experts' stream gradients (live once an E->H mixed them in)
+  float* dtmp = grow(dtmp_, n * ND); // dp / dq
+  float* dG = grow(dG_, N * DM);
+  bool have_dhs = false;
+  const uint64_t thr = dropout_threshold(spec_.gate_dropout);
+  for (int64_t j = L; j >= j0; j--) {
+    const int64_t k = stitch_at_[size_t(j)];
+    if (k >= 0 && active(k)) {
+      const bool first = k == k0;
+      const bool eh = spec_.stitches[size_t(k)].type == StitchType::EH;
+      float* Hj = at(oH[size_t(j)]);
+      float* Ej = at(oE[size_t(j)]);
+      const float* G = at(oG[size_t(k)]);
+      const float* mixed = at(oMix[size_t(k)]);
+      const float* Wg = w_.gate[size_t(k)];
+      float* gWg = g_.gate[size_t(k)];
+      if (eh) {
+        // h0' = g_0 h0 + sum_e g_e p_e; p_e = h_e Wp_e^T; h_e' = p_e (projected) or h_e
+        StitchEHBackwardParams p;
+        p.N = N, p.D = D, p.n = n, p.h0 = Hj, p.p = mixed, p.G = G, p.dout = dh0, p.dh0 = dh0, p.dp = dtmp, p.dG = dG;
+        stitch_eh_backward(p);
+        if (have_dhs && spec_.projected) add(dtmp, dtmp, dhs, n * ND);  // the expert stream was p_e too
+        if (drop) apply_mask(dG, N, DM, dropout_key(dropout_seed, k), thr);
+        linear_dw(gWg, dG, Hj, N, D, DM);  // dWg += dG^T h0
+        for (int64_t e = 0; e < n; e++) linear_dw(g_.proj[size_t(k)][size_t(e)], dtmp + e * ND, Ej + e * ND, N, D, D);
+        if (first) break;
+        lin_dx(Wg, dG, N, D, DM, dh0, 1.f);  // dh0 += dG Wg
+        const float beta = have_dhs && !spec_.projected ? 1.f : 0.f;  // unchanged: h_e' = h_e adds dhs
+        for (int64_t e = 0; e < n; e++) lin_dx(w_.proj[size_t(k)][size_t(e)], dtmp + e * ND, N, D, D, dhs + e * ND, beta);
+        have_dhs = true;
+      } else if (have_dhs) {
+        // h_e' = (1 - g_e) h_e + g_e q_e; q_e = h0 Wp_e^T; h0' = h0
+        StitchHEBackwardParams p;
+        p.N = N, p.D = D, p.n = n, p.h = Ej, p.q = mixed, p.G = G, p.dout = dhs, p.dh = dhs, p.dq = dtmp, p.dG = dG;
+        stitch_he_backward(p);
+        if (drop) apply_mask(dG, N, DM, dropout_key(dropout_seed, k), thr);
+        linear_dw(gWg, dG, Hj, N, D, DM);
+        for (int64_t e = 0; e < n; e++) linear_dw(g_.proj[size_t(k)][size_t(e)], dtmp + e * ND, Hj, N, D, D);
+        if (first) break;
+        lin_dx(Wg, dG, N, D, DM, dh0, 1.f);
+        for (int64_t e = 0; e < n; e++) lin_dx(w_.proj[size_t(k)][size_t(e)], dtmp + e * ND, N, D, D, dh0, 1.f);
+      } else if (first) {
+        break;
+      }
+    }
+    if (j == j0) break;
+    block_backward(c_, hub_.layers[size_t(j - 1)], nullptr, act(j, 0), dh0, dh0, ws_);
+    if (have_dhs)
+      for (int64_t e = 0; e < n; e++)
+        block_backward(c_, experts_[size_t(e)].layers[size_t(j - 1)], nullptr, act(j, e + 1), dhs + e * ND, dhs + e * ND, ws_);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// KV-cached inference.
+
+// Grouping cost model. A block of one model over R rows costs W = R * (D*(QD + 2 KD) + QD*D + 3 D*F)
+// multiply-adds (attention over the cache left out: it is the same either way). Model after model,
+// each of its ~12 ops is parallel over P threads and pays a hand-off: M * (W / (r P) + 12 s). Grouped,
+// each task runs a whole block serially and the M tasks share the P threads: ceil(M / P) * W / r.
+// r ~ 8 GMAC/s per core (a GEMV streams its weight matrix), s ~ 3 us per op (spinning workers).
+// Small models and decode: grouped (e.g. config (a): 2 threads, M = 4: about 200 us against 340 us
+// per layer); a 3072-wide model on 16 threads: model after model.
+bool StitchedModel::group_models(int64_t rows) const {
+  // Read at every call (a test hook, as BTS_GEMM_BF16DOT): change it only while no call runs.
+  const char* forced = std::getenv("BTS_STITCH_GROUP");
+  if (forced && *forced) return forced[0] != '0';
+  const int64_t P = num_threads();
+  if (P <= 1 || last_eh_ == 0) return false;
+  const double QD = double(c_.H * c_.Dh), KD = double(c_.Hkv * c_.Dh), D = double(c_.D), F = double(c_.F);
+  const double W = double(rows) * (D * (QD + 2 * KD) + QD * D + 3 * D * F);
+  const double r = 8e9, s = 3e-6;
+  const double M = double(M_);
+  const double grouped = std::ceil(M / double(P)) * W / r;
+  const double serial = M * (W / (r * double(P)) + 12 * s);
+  return grouped < serial;
+}
+
+void StitchedModel::decode_rows(StitchedCache& cache, const DecodeSegment* segs, int64_t nsegs, const int32_t* tokens,
+                                int64_t R, int64_t out_row0, float* out) {
+  const int64_t D = c_.D, RD = R * D;
+  ensure_rope(cache.capacity());
+  pos_.resize(std::max(pos_.size(), size_t(R)));
+  for (int64_t i = 0; i < nsegs; i++)
+    for (int64_t r = 0; r < segs[i].count; r++) pos_[size_t(segs[i].row0 + r)] = int32_t(segs[i].start + r);
+  DecodeCtx ctx;
+  ctx.R = R, ctx.pos = pos_.data(), ctx.rope = rope_.data(), ctx.P = rope_P_;
+  ctx.segs = segs, ctx.nsegs = nsegs, ctx.Tcap = cache.capacity();
+  float* x0 = grow(x0_, RD);
+  float* xs = grow(xs_, n_ * RD);
+  float* mixed = grow(mix_, n_ * RD);
+  float* G = grow(G_, R * D * M_);
+  const bool grouped = group_models(R);
+  if (grouped && int64_t(mws_.size()) < M_) mws_.resize(size_t(M_));
+  // Runs fn(m) for the models m < count: one parallel region with one model per task (grouped), or
+  // model after model, each fn parallel inside.
+  auto each_model = [&](int64_t count, const std::function<void(int64_t)>& fn) {
+    if (grouped && count > 1)
+      parallel_for(count, 1, [&](int64_t m0, int64_t m1, int) {
+        for (int64_t m = m0; m < m1; m++) fn(m);
+      });
+    else
+      for (int64_t m = 0; m < count; m++) fn(m);
+  };
+  auto state = [&](int64_t m) { return m == 0 ? x0 : xs + (m - 1) * RD; };
+  each_model(last_eh_ > 0 ? M_ : 1, [&](int64_t m) { embed(model(m), tokens, R, state(m)); });
+  for (int64_t j = 1; j <= L_; j++) {
+    const int64_t i = j - 1;
+    each_model(j <= last_eh_ ? M_ : 1, [&](int64_t m) {
+      KvCache& kc = cache.model(m);
+      block_decode(c_, model(m).layers[size_t(i)], ctx, kc.k(i), kc.v(i), state(m), grouped ? mws_[size_t(m)] : ws_);
+    });
+    const int64_t k = stitch_at_[size_t(j)];
+    if (k >= 0 && active(k)) {
+      stitch_inplace(k, R, x0, xs, mixed, G, grouped);
+    }
+  }
+  const int64_t rows = R - out_row0;
+  float* xf = grow(xf_, rows * D);
+  rmsnorm(x0 + out_row0 * D, hub_.norm, rows, D, c_.eps, xf, nullptr);
+  linear_fwd(hub_.lm_head, xf, rows, D, c_.V, out, 0.f);
+}
+
+void StitchedModel::prefill(StitchedCache& cache, int64_t slot, const int32_t* tokens, int64_t T, float* out) {
+  const char* op = "prefill";
+  ComputeLock lock;
+  check_cache(op, cache);
+  if (slot < 0 || slot >= cache.slots())
+    fail("E_ARGUMENT", std::string(op) + ": slot " + S(slot) + " is out of range [0, " + S(cache.slots()) + ")");
+  if (T < 1 || T > kMaxRows) fail("E_ARGUMENT", std::string(op) + ": tokens must hold 1.." + S(kMaxRows) + " ids, got " + S(T));
+  const int64_t len = cache.length(slot);
+  if (len + T > cache.capacity())
+    fail("E_ARGUMENT", std::string(op) + ": slot " + S(slot) + " holds " + S(len) + " tokens; " + S(T) +
+                           " more would exceed the cache capacity of " + S(cache.capacity()));
+  check_ids(op, "tokens", tokens, T, false);
+  DecodeSegment sg;
+  sg.row0 = 0, sg.count = T, sg.slot = slot, sg.start = len;
+  segs_.assign(1, sg);
+  decode_rows(cache, segs_.data(), 1, tokens, T, T - 1, out);
+  for (int64_t m = 0; m < M_; m++) cache.model(m).set_length(slot, len + T);
+}
+
+void StitchedModel::decode(StitchedCache& cache, const int32_t* slots, const int32_t* tokens, int64_t R, float* out) {
+  const char* op = "decode";
+  ComputeLock lock;
+  check_cache(op, cache);
+  if (R < 1 || R > cache.slots())
+    fail("E_ARGUMENT", std::string(op) + ": rows (slots.length) must be in 1..cache slots (" + S(cache.slots()) + "), got " + S(R));
+  segs_.resize(size_t(R));
+  for (int64_t r = 0; r < R; r++) {
+    const int64_t s = slots[r];
+    if (s < 0 || s >= cache.slots())
+      fail("E_ARGUMENT", std::string(op) + ": 'slots' at position " + S(r) + " is " + S(s) + ", out of range [0, " + S(cache.slots()) + ")");
+    for (int64_t j = 0; j < r; j++)
+      if (slots[j] == s) fail("E_ARGUMENT", std::string(op) + ": slot " + S(s) + " appears twice in 'slots' (positions " + S(j) + " and " + S(r) + ")");
+    const int64_t len = cache.length(s);
+    if (len + 1 > cache.capacity())
+      fail("E_ARGUMENT", std::string(op) + ": slot " + S(s) + " is full (" + S(len) + " tokens, capacity " + S(cache.capacity()) + ")");
+    segs_[size_t(r)].row0 = r, segs_[size_t(r)].count = 1, segs_[size_t(r)].slot = s, segs_[size_t(r)].start = len;
+  }
+  check_ids(op, "tokens", tokens, R, false);
+  decode_rows(cache, segs_.data(), R, tokens, R, 0, out);
+  for (int64_t r = 0; r < R; r++)
+    for (int64_t m = 0; m < M_; m++) cache.model(m).set_length(segs_[size_t(r)].slot, segs_[size_t(r)].start + 1);
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+void StitchedModel::release() {
+  ComputeLock lock;
+  ws_.release();
+  for (Workspace& w : mws_) w.release();
+  for (std::vector<float>* v : {&rope_, &head32_, &x0_, &xs_, &mix_, &G_, &xf_, &states_, &rstdf_, &dh0_, &dhs_, &dtmp_, &dG_}) {
+    v->clear();
+    v->shrink_to_fit();
+  }
+  rope_P_ = 0;
+  act_views_.clear();
+  act_views_.shrink_to_fit();
+  pos_.clear();
+  pos_.shrink_to_fit();
+}
+
+size_t StitchedModel::workspace_bytes() const {
+  size_t s = ws_.bytes();
+  for (const Workspace& w : mws_) s += w.bytes();
+  for (const std::vector<float>* v : {&rope_, &head32_, &x0_, &xs_, &mix_, &G_, &xf_, &states_, &rstdf_, &dh0_, &dhs_, &dtmp_, &dG_})
+    s += v->size() * sizeof(float);
+  return s + pos_.size() * sizeof(int32_t);
+}
+
+}  // namespace engine
+}  // namespace bts
