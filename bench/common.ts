@@ -43,6 +43,18 @@ export function randomTokens(n: number, V: number, seed: number): Int32Array {
   return out;
 }
 
+/** A seeded random next-token batch of B rows of T: inputs [B*T], targets [B*T] (shifted by one). */
+export function randomBatch(c: { B: number; T: number; V: number }, seed: number): { inputs: Int32Array; targets: Int32Array } {
+  const toks = randomTokens(c.B * (c.T + 1), c.V, seed);
+  const inputs = new Int32Array(c.B * c.T);
+  const targets = new Int32Array(c.B * c.T);
+  for (let b = 0; b < c.B; b++) {
+    inputs.set(toks.subarray(b * (c.T + 1), b * (c.T + 1) + c.T), b * c.T);
+    targets.set(toks.subarray(b * (c.T + 1) + 1, (b + 1) * (c.T + 1)), b * c.T);
+  }
+  return { inputs, targets };
+}
+
 /** Flags: --config a,b --threads 1,2 --repeat N --steps S --quick, and free-form extras. */
 export interface BenchArgs {
   configs: BenchConfig[];

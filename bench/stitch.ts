@@ -18,7 +18,7 @@ import { adamwStepAsync } from '../lib/ops/adamw.js';
 import { argmax } from '../lib/infer/sampling.js';
 import type { CausalDecoder } from '../lib/infer/generate.js';
 import { runTorch, torchAvailable, type BenchConfig } from './torch.js';
-import { llamaConfigOf, median, parseBenchArgs, printTable, randomTokens, writeResults, type ResultRow } from './common.js';
+import { llamaConfigOf, median, parseBenchArgs, printTable, randomBatch, randomTokens, writeResults, type ResultRow } from './common.js';
 
 const args = parseBenchArgs(process.argv.slice(2), { configs: 'a', threads: '2', repeat: 3, steps: 4 });
 const N_EXPERTS = 3;
@@ -36,13 +36,7 @@ async function trainTps(model: StitchedModel, c: BenchConfig, steps: number): Pr
   const v = new Float32Array(model.params.length);
   const times: number[] = [];
   for (let s = 0; s <= steps; s++) {
-    const toks = randomTokens(c.B * (c.T + 1), c.V, 50 + s);
-    const inputs = new Int32Array(c.B * c.T);
-    const targets = new Int32Array(c.B * c.T);
-    for (let b = 0; b < c.B; b++) {
-      inputs.set(toks.subarray(b * (c.T + 1), b * (c.T + 1) + c.T), b * c.T);
-      targets.set(toks.subarray(b * (c.T + 1) + 1, (b + 1) * (c.T + 1)), b * c.T);
-    }
+    const { inputs, targets } = randomBatch(c, 50 + s);
     const t0 = performance.now();
     model.zeroGrad();
     await model.forwardBackward(inputs, targets, c.B, c.T, 1 / (c.B * c.T), s);

@@ -40,16 +40,17 @@ const here = join(fileURLToPath(import.meta.url), '..');
 /** Python with torch: Debian's (the first python3 on PATH may be another one, without torch). Override: BTS_TORCH_PYTHON. */
 export const TORCH_PYTHON = process.env.BTS_TORCH_PYTHON || '/usr/bin/python3';
 
-/** Debian's tcmalloc (package libtcmalloc-minimal4), preloaded in tuned runs. */
-export const TCMALLOC_PATH = '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4';
+/** Debian's tcmalloc (package libtcmalloc-minimal4), preloaded in tuned runs. Override: BTS_TORCH_TCMALLOC. */
+export const TCMALLOC_PATH = process.env.BTS_TORCH_TCMALLOC || '/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4';
 
 /** The modes of the two scripts. */
 export type TorchMode = 'train_fp32' | 'train_bf16' | 'prefill' | 'decode' | 'stitch_train' | 'stitch_decode';
 
 /**
  * Whether the tuned settings are the faster ones, per mode, from the `--compare` measurements on the
- * development machine (bench/README.md has the table). {@link runTorch} uses this when `tuned` is not
- * given. Re-measure with `npx tsx bench/torch.ts --compare` on a new machine.
+ * development machine (bench/README.md has the table: tuned faster or tied everywhere, far faster at
+ * 2 threads under load). {@link runTorch} uses this when `tuned` is not given. Re-measure with
+ * `npx tsx bench/torch.ts --compare` on a new machine, or use {@link runTorchBest}.
  */
 export const TUNED_DEFAULT: Record<TorchMode, boolean> = {
   train_fp32: true,
@@ -324,7 +325,8 @@ function modeOf(args: string[]): TorchMode | undefined {
  * 'stitch_bench.py' (resolved in bench/torch/) or a path; `args`: the script's arguments without
  * `--threads` and `--json` (added here), e.g. `['--config', 'a', '--mode', 'train_fp32', '--steps', '5']`.
  * Throws UnsupportedFeatureError (message: what to install) when python3 or torch is missing,
- * ArgumentError for bad options, FormatError when the script fails or prints no valid result line.
+ * ArgumentError for bad options (the script's usage errors included), FormatError when the script
+ * fails otherwise or prints no valid result line.
  */
 export async function runTorch(script: string, args: string[], opts?: RunTorchOptions): Promise<TorchResult> {
   const threads = opts?.threads;
@@ -341,6 +343,7 @@ export async function runTorch(script: string, args: string[], opts?: RunTorchOp
   const r = await run(TORCH_PYTHON, argv, torchEnv(threads, tuned), opts?.timeoutMs ?? 30 * 60_000);
   const cmd = `${TORCH_PYTHON} ${argv.join(' ')}`;
   if (r.error) throw new UnsupportedFeatureError(`runTorch: cannot run ${cmd}: ${r.error.message}`);
+  if (r.code === 2 && /^usage:/m.test(r.stderr)) throw new ArgumentError(`runTorch: ${cmd} refused its arguments:\n${lastLines(r.stderr, 2)}`);
   if (r.code !== 0)
     throw new FormatError(`runTorch: ${cmd} ${r.signal ? `was killed (${r.signal}${r.signal === 'SIGKILL' ? ', timeout or out of memory' : ''})` : `exited with ${r.code}`}:\n${lastLines(r.stderr)}`);
   const line = r.stdout.trim().split('\n').reverse().find((l) => l.startsWith('{'));
@@ -357,6 +360,23 @@ export async function runTorch(script: string, args: string[], opts?: RunTorchOp
   if (res.impl !== 'pytorch' || typeof res.settings !== 'object' || res.settings === null)
     throw new FormatError(`runTorch: ${cmd}: expected impl 'pytorch' and a settings object, got ${line.slice(0, 200)}`);
   return res;
+}
+
+/**
+ * Runs the measurement twice, tuned and untuned (in that order), and returns the faster (higher
+ * tokens/s) with the other's figure in `alternative`: the anchor issue 3 asks for on a machine
+ * where {@link TUNED_DEFAULT} was not measured, at twice the time. Same arguments and errors as
+ * {@link runTorch}; `opts.tuned` is ignored.
+ */
+export async function runTorchBest(
+  script: string,
+  args: string[],
+  opts: RunTorchOptions,
+): Promise<TorchResult & { alternative: { tuned: boolean; tokens_per_s: number } }> {
+  const tuned = await runTorch(script, args, { ...opts, tuned: true });
+  const plain = await runTorch(script, args, { ...opts, tuned: false });
+  const [best, other] = plain.tokens_per_s > tuned.tokens_per_s ? [plain, tuned] : [tuned, plain];
+  return { ...best, alternative: { tuned: other === tuned, tokens_per_s: other.tokens_per_s } };
 }
 
 // ---------------------------------------------------------------------------------------------------

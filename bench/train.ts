@@ -22,7 +22,7 @@ import { LlamaModel } from '../lib/model/llama.js';
 import { trainBpe } from '../lib/tokenizer/bpe.js';
 import { lineChart, writeSvg } from '../lib/util/plot.js';
 import { runTorch, torchAvailable, trainFlopsPerToken, type BenchConfig } from './torch.js';
-import { llamaConfigOf, median, parseBenchArgs, printTable, randomTokens, root, writeResults, type ResultRow } from './common.js';
+import { llamaConfigOf, median, parseBenchArgs, printTable, randomBatch, randomTokens, root, writeResults, type ResultRow } from './common.js';
 
 const args = parseBenchArgs(process.argv.slice(2), { configs: 'a,b', threads: '2', repeat: 3, steps: 6 });
 
@@ -37,13 +37,7 @@ async function oursStep(c: BenchConfig, precision: 'f32' | 'bf16', steps: number
   let loss = NaN;
   try {
     for (let s = 0; s <= steps; s++) {
-      const toks = randomTokens(c.B * (c.T + 1), c.V, 100 + s);
-      const inputs = new Int32Array(c.B * c.T);
-      const targets = new Int32Array(c.B * c.T);
-      for (let b = 0; b < c.B; b++) {
-        inputs.set(toks.subarray(b * (c.T + 1), b * (c.T + 1) + c.T), b * c.T);
-        targets.set(toks.subarray(b * (c.T + 1) + 1, (b + 1) * (c.T + 1)), b * c.T);
-      }
+      const { inputs, targets } = randomBatch(c, 100 + s);
       const t0 = performance.now();
       model.zeroGrad();
       const r = await model.forwardBackward(inputs, targets, c.B, c.T, 1 / (c.B * c.T));

@@ -6,28 +6,17 @@
  */
 import { ArgumentError, ShapeError } from '../errors.js';
 import type { LlamaConfig } from '../formats/hf-config.js';
+import { ENGINE_CONFIG_FIELDS, configDifference } from '../engine/native.js';
 import { LlamaModel } from '../model/llama.js';
 import { llamaLayout } from '../model/layout.js';
 
-const ARCH_FIELDS: (keyof LlamaConfig)[] = [
-  'vocabSize',
-  'hiddenSize',
-  'intermediateSize',
-  'numHiddenLayers',
-  'numAttentionHeads',
-  'numKeyValueHeads',
-  'headDim',
-  'rmsNormEps',
-  'ropeTheta',
-  'tieWordEmbeddings',
-];
+/** The fields compared: those the engine reads, except the context length (averaging ignores it). */
+const ARCH_FIELDS = ENGINE_CONFIG_FIELDS.filter((f) => f !== 'maxPositionEmbeddings');
 
-/** Throws ShapeError naming the first architecture field where `b` differs from `a`. */
+/** Throws ShapeError naming the first architecture field where `b` differs from `a` (values as JSON). */
 export function checkSameArchitecture(a: LlamaConfig, b: LlamaConfig, nameA = 'model 0', nameB = 'model 1'): void {
-  for (const f of ARCH_FIELDS) {
-    if (a[f] !== b[f]) throw new ShapeError(`${nameB} differs from ${nameA} in ${f}: ${String(b[f])} vs ${String(a[f])}`);
-  }
-  if (JSON.stringify(a.ropeScaling) !== JSON.stringify(b.ropeScaling)) throw new ShapeError(`${nameB} differs from ${nameA} in ropeScaling: ${JSON.stringify(b.ropeScaling)} vs ${JSON.stringify(a.ropeScaling)}`);
+  const d = configDifference(a, b, ARCH_FIELDS);
+  if (d) throw new ShapeError(`${nameB} differs from ${nameA} in ${d.field}: ${d.b} vs ${d.a}`);
 }
 
 /**

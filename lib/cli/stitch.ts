@@ -17,7 +17,7 @@ import { setThreads } from '../runtime.js';
 import { runTraining } from '../train/run.js';
 import type { CliCommand } from './command.js';
 import { intArg, numArg } from './tokenizer.js';
-import { corpusOf } from './train.js';
+import { corpusOf, trainingParseOptions } from './train.js';
 import { registerStitchedOpener } from './generate.js';
 
 // StitchedModel.load owns the hub and experts it loads: dispose() frees them all.
@@ -129,36 +129,20 @@ export const stitchCommand: CliCommand = {
     const { values } = parseArgs({
       args: argv,
       options: {
+        ...trainingParseOptions,
         hub: { type: 'string' },
         expert: { type: 'string', multiple: true },
         from: { type: 'string' },
         'remove-expert': { type: 'string' },
         'add-expert': { type: 'string' },
         'train-all': { type: 'boolean' },
-        data: { type: 'string', multiple: true },
         mix: { type: 'string' },
-        out: { type: 'string' },
         k: { type: 'string' },
         pattern: { type: 'string' },
         'expert-stream': { type: 'string' },
         'hub-bias': { type: 'string' },
         'gate-dropout': { type: 'string' },
         dtype: { type: 'string' },
-        'held-out': { type: 'string' },
-        steps: { type: 'string' },
-        batch: { type: 'string' },
-        'seq-len': { type: 'string' },
-        accum: { type: 'string' },
-        lr: { type: 'string' },
-        warmup: { type: 'string' },
-        'min-lr-ratio': { type: 'string' },
-        'weight-decay': { type: 'string' },
-        clip: { type: 'string' },
-        'eval-every': { type: 'string' },
-        'checkpoint-every': { type: 'string' },
-        seed: { type: 'string' },
-        threads: { type: 'string' },
-        fresh: { type: 'boolean' },
         help: { type: 'boolean', short: 'h' },
       },
     });
@@ -252,6 +236,7 @@ export const stitchCommand: CliCommand = {
       minLrRatio: numArg('--min-lr-ratio', values['min-lr-ratio'], 0.01, 0),
       weightDecay: numArg('--weight-decay', values['weight-decay'], 0, 0),
       maxGradNorm: numArg('--clip', values.clip, 1, 0),
+      precision: values.precision === undefined ? undefined : (values.precision as 'f32' | 'bf16'),
       evalEvery: intArg('--eval-every', values['eval-every'], Math.max(1, Math.floor(steps / 10))),
       checkpointEvery: intArg('--checkpoint-every', values['checkpoint-every'], Math.max(1, Math.floor(steps / 10))),
       seed: intArg('--seed', values.seed, 0, 0),

@@ -80,7 +80,8 @@ directory) on text files, every token predicted once (non-overlapping windows of
   --json           print JSON
   -h, --help`;
 
-const trainingParseOptions = {
+/** The flags shared by every training command (pretrain, train, stitch). */
+export const trainingParseOptions = {
   data: { type: 'string', multiple: true },
   out: { type: 'string' },
   steps: { type: 'string' },

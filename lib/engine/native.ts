@@ -127,68 +127,140 @@ export interface NativeLlama {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Checks
+// Checks (exported for lib/engine/stitched-native.ts; not part of the package API)
 
-function posInt(where: string, v: unknown): number {
+/** A positive safe integer, or ArgumentError naming `where`. @internal */
+export function posInt(where: string, v: unknown): number {
   if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1) throw new ArgumentError(`${where} must be a positive integer, got ${String(v)}`);
   return v;
 }
 
-function nonNegInt(where: string, v: unknown): number {
+/** A non-negative safe integer, or ArgumentError naming `where`. @internal */
+export function nonNegInt(where: string, v: unknown): number {
   if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw new ArgumentError(`${where} must be a non-negative integer, got ${String(v)}`);
   return v;
 }
 
-function kind(v: unknown): string {
+/** A short name of a value's kind for error messages ('null', 'Float64Array', 'number', ...). @internal */
+export function kind(v: unknown): string {
   if (v === null) return 'null';
   if (v === undefined) return 'undefined';
   return (v as object).constructor?.name ?? typeof v;
 }
 
-function i32(where: string, a: unknown, len?: number, shape?: string): Int32Array {
+/** An Int32Array (of `len` elements, named `shape` in the error, when given): DTypeError / ShapeError. @internal */
+export function i32(where: string, a: unknown, len?: number, shape?: string): Int32Array {
   if (!(a instanceof Int32Array)) throw new DTypeError(`${where} must be an Int32Array, got ${kind(a)}`);
   if (len !== undefined && a.length !== len) throw new ShapeError(`${where} has ${a.length} elements, expected ${shape} = ${len}`);
   return a;
 }
 
-function f32(where: string, a: unknown, len?: number, shape?: string, atLeast = false): Float32Array {
+/** A Float32Array of exactly (atLeast: at least) `len` elements when given: DTypeError / ShapeError. @internal */
+export function f32(where: string, a: unknown, len?: number, shape?: string, atLeast = false): Float32Array {
   if (!(a instanceof Float32Array)) throw new DTypeError(`${where} must be a Float32Array, got ${kind(a)}`);
   if (len !== undefined && (atLeast ? a.length < len : a.length !== len))
     throw new ShapeError(`${where} has ${a.length} elements, expected ${atLeast ? 'at least ' : ''}${shape} = ${len}`);
   return a;
 }
 
-function checkConfig(c: NativeLlamaConfig): void {
-  if (typeof c !== 'object' || c === null) throw new ArgumentError(`llamaCreate: config must be an object, got ${kind(c)}`);
+/**
+ * Checks the fields of a NativeLlamaConfig the engine reads (`who` names the function in errors):
+ * ArgumentError for a bad size or number, UnsupportedFeatureError for RoPE scaling other than llama3.
+ * @internal
+ */
+export function checkConfig(c: NativeLlamaConfig, who = 'llamaCreate'): void {
+  if (typeof c !== 'object' || c === null) throw new ArgumentError(`${who}: config must be an object, got ${kind(c)}`);
   for (const k of ['vocabSize', 'hiddenSize', 'intermediateSize', 'numHiddenLayers', 'numAttentionHeads', 'numKeyValueHeads', 'headDim', 'maxPositionEmbeddings'] as const)
-    posInt(`llamaCreate: config.${k}`, c[k]);
-  if (typeof c.tieWordEmbeddings !== 'boolean') throw new ArgumentError(`llamaCreate: config.tieWordEmbeddings must be a boolean, got ${String(c.tieWordEmbeddings)}`);
+    posInt(`${who}: config.${k}`, c[k]);
+  if (typeof c.tieWordEmbeddings !== 'boolean') throw new ArgumentError(`${who}: config.tieWordEmbeddings must be a boolean, got ${String(c.tieWordEmbeddings)}`);
   if (c.numAttentionHeads % c.numKeyValueHeads !== 0)
-    throw new ArgumentError(`llamaCreate: config.numAttentionHeads (${c.numAttentionHeads}) must be a multiple of numKeyValueHeads (${c.numKeyValueHeads})`);
-  if (c.headDim % 2 !== 0) throw new ArgumentError(`llamaCreate: config.headDim must be even (RoPE pairs), got ${c.headDim}`);
+    throw new ArgumentError(`${who}: config.numAttentionHeads (${c.numAttentionHeads}) must be a multiple of numKeyValueHeads (${c.numKeyValueHeads})`);
+  if (c.headDim % 2 !== 0) throw new ArgumentError(`${who}: config.headDim must be even (RoPE pairs), got ${c.headDim}`);
   for (const k of ['rmsNormEps', 'ropeTheta'] as const)
-    if (typeof c[k] !== 'number' || !Number.isFinite(c[k]) || c[k] <= 0) throw new ArgumentError(`llamaCreate: config.${k} must be a positive finite number, got ${String(c[k])}`);
+    if (typeof c[k] !== 'number' || !Number.isFinite(c[k]) || c[k] <= 0) throw new ArgumentError(`${who}: config.${k} must be a positive finite number, got ${String(c[k])}`);
   const s = c.ropeScaling;
   if (s !== null && s !== undefined && (typeof s !== 'object' || s.type !== 'llama3'))
-    throw new UnsupportedFeatureError(`llamaCreate: config.ropeScaling type ${JSON.stringify((s as { type?: unknown })?.type)} is not supported by the native engine (supported: 'llama3', or null for plain RoPE)`);
+    throw new UnsupportedFeatureError(`${who}: config.ropeScaling type ${JSON.stringify((s as { type?: unknown })?.type)} is not supported by the native engine (supported: 'llama3', or null for plain RoPE)`);
 }
 
-function checkWeight(name: string, w: NativeWeight, numel: number): void {
-  const where = `llamaCreate: weights['${name}']`;
+/** The fields of NativeLlamaConfig the engine reads, in the order configs are compared. */
+export const ENGINE_CONFIG_FIELDS = [
+  'vocabSize',
+  'hiddenSize',
+  'intermediateSize',
+  'numHiddenLayers',
+  'numAttentionHeads',
+  'numKeyValueHeads',
+  'headDim',
+  'rmsNormEps',
+  'ropeTheta',
+  'ropeScaling',
+  'maxPositionEmbeddings',
+  'tieWordEmbeddings',
+] as const;
+
+/** A field of {@link ENGINE_CONFIG_FIELDS}. */
+export type EngineConfigField = (typeof ENGINE_CONFIG_FIELDS)[number];
+
+/**
+ * The first of `fields` (default: every field the engine reads) in which config `b` differs from
+ * `a`, with both values as JSON (a missing value reads as null; ropeScaling is compared by value), or
+ * null when they agree. Shared by the architecture checks of the stitched model and the model soup.
+ */
+export function configDifference(
+  a: NativeLlamaConfig,
+  b: NativeLlamaConfig,
+  fields: readonly EngineConfigField[] = ENGINE_CONFIG_FIELDS,
+): { field: EngineConfigField; a: string; b: string } | null {
+  for (const field of fields) {
+    const va = JSON.stringify(a[field] ?? null);
+    const vb = JSON.stringify(b[field] ?? null);
+    if (va !== vb) return { field, a: va, b: vb };
+  }
+  return null;
+}
+
+/**
+ * Checks one model weight `where` (e.g. "llamaCreate: weights['model.norm.weight']") of `numel`
+ * elements: a Float32Array, a Uint16Array (bf16 bits) or a mapped tensor {file, offset, dtype, length}.
+ * @internal
+ */
+export function checkWeight(where: string, w: NativeWeight, numel: number): void {
   if (w instanceof Float32Array || w instanceof Uint16Array) {
-    if (w.length !== numel) throw new ShapeError(`${where} has ${w.length} elements, expected ${numel}`);
+    if (w.length !== numel) throw new ShapeError(`${where} has ${w.length} elements, expected numel = ${numel}`);
     return;
   }
   if (typeof w !== 'object' || w === null || ArrayBuffer.isView(w))
     throw new DTypeError(`${where} must be a Float32Array, a Uint16Array (bf16) or {file, offset, dtype, length}, got ${kind(w)}`);
   if (w.dtype !== 'f32' && w.dtype !== 'bf16') throw new DTypeError(`${where}.dtype must be 'f32' or 'bf16', got ${String(w.dtype)}`);
   nonNegInt(`${where}.offset`, w.offset);
-  if (nonNegInt(`${where}.length`, w.length) !== numel) throw new ShapeError(`${where}.length is ${w.length}, expected ${numel}`);
+  if (nonNegInt(`${where}.length`, w.length) !== numel) throw new ShapeError(`${where}.length is ${w.length}, expected numel = ${numel}`);
   if (typeof w.file !== 'object' || w.file === null || typeof w.file.byteLength !== 'number')
     throw new ArgumentError(`${where}.file must be a NativeMappedFile (from mapFile), got ${kind(w.file)}`);
 }
 
-async function call<R>(fn: () => Promise<R>): Promise<R> {
+/**
+ * Checks a model's weights `arg` of function `who` (e.g. "stitchedCreate", "experts[1]"): an object
+ * holding every tensor of `numel` (name -> element count) and nothing else, each as {@link checkWeight}.
+ * @internal
+ */
+export function checkModelWeights(who: string, arg: string, weights: Record<string, NativeWeight>, numel: ReadonlyMap<string, number>, tie: boolean): void {
+  if (typeof weights !== 'object' || weights === null || ArrayBuffer.isView(weights) || Array.isArray(weights))
+    throw new ArgumentError(`${who}: ${arg} must be an object of tensors by HF name, got ${kind(weights)}`);
+  for (const name of Object.keys(weights))
+    if (!numel.has(name))
+      throw new ArgumentError(
+        `${who}: ${arg} has '${name}', not a tensor of this config${tie && name === 'lm_head.weight' ? ' (tieWordEmbeddings: the LM head is model.embed_tokens.weight)' : ''}`,
+      );
+  for (const [name, n] of numel) {
+    const w = weights[name];
+    if (w === undefined || w === null) throw new ArgumentError(`${who}: ${arg}: weight '${name}' is missing`);
+    checkWeight(`${who}: ${arg}['${name}']`, w, n);
+  }
+}
+
+/** Runs an async native call, turning native errors into the typed errors of lib/errors.ts. @internal */
+export async function call<R>(fn: () => Promise<R>): Promise<R> {
   try {
     return await fn();
   } catch (e) {
@@ -196,7 +268,8 @@ async function call<R>(fn: () => Promise<R>): Promise<R> {
   }
 }
 
-function sync<R>(fn: () => R): R {
+/** Runs a synchronous native call, turning native errors into the typed errors of lib/errors.ts. @internal */
+export function sync<R>(fn: () => R): R {
   try {
     return fn();
   } catch (e) {
@@ -207,16 +280,23 @@ function sync<R>(fn: () => R): R {
 // ---------------------------------------------------------------------------------------------------
 // Wrappers
 
-class CheckedKvCache implements NativeKvCache, Disposable {
-  constructor(readonly raw: NativeKvCache) {}
+/**
+ * A KV cache with its arguments checked in TypeScript; `cls` names the native class in errors
+ * ('NativeKvCache', 'NativeStitchedCache'). Used by both engine faces. @internal
+ */
+export class CheckedKvCache implements NativeKvCache, Disposable {
+  constructor(
+    readonly raw: NativeKvCache,
+    private readonly cls = 'NativeKvCache',
+  ) {}
   length(slot: number): number {
-    return sync(() => this.raw.length(nonNegInt('NativeKvCache.length: slot', slot)));
+    return sync(() => this.raw.length(nonNegInt(`${this.cls}.length: slot`, slot)));
   }
   reset(slot: number): void {
-    sync(() => this.raw.reset(nonNegInt('NativeKvCache.reset: slot', slot)));
+    sync(() => this.raw.reset(nonNegInt(`${this.cls}.reset: slot`, slot)));
   }
   truncate(slot: number, length: number): void {
-    sync(() => this.raw.truncate(nonNegInt('NativeKvCache.truncate: slot', slot), nonNegInt('NativeKvCache.truncate: length', length)));
+    sync(() => this.raw.truncate(nonNegInt(`${this.cls}.truncate: slot`, slot), nonNegInt(`${this.cls}.truncate: length`, length)));
   }
   get slots(): number {
     return this.raw.slots;
@@ -232,71 +312,83 @@ class CheckedKvCache implements NativeKvCache, Disposable {
   }
 }
 
-function rawCache(where: string, c: unknown): NativeKvCache {
+/**
+ * The native cache behind `c` (a {@link CheckedKvCache} or a raw one): ArgumentError naming `where`
+ * and the expected kind (`what`) for a non-object. The native side checks the class. @internal
+ */
+export function rawCache(where: string, c: unknown, what = 'a NativeKvCache'): NativeKvCache {
   if (c instanceof CheckedKvCache) return c.raw;
-  if (typeof c !== 'object' || c === null) throw new ArgumentError(`${where}: cache must be a NativeKvCache (from createCache), got ${kind(c)}`);
+  if (typeof c !== 'object' || c === null) throw new ArgumentError(`${where}: cache must be ${what} (from createCache), got ${kind(c)}`);
   return c as NativeKvCache;
 }
 
-class CheckedLlama implements NativeLlama, Disposable {
-  constructor(
-    private readonly raw: NativeLlama,
-    private readonly V: number,
-  ) {}
+/** The calls a native Llama and a native stitched model share (all but the training step). */
+export type NativeModelCalls = Omit<NativeLlama, 'forwardBackward'>;
 
-  forwardBackward(inputs: Int32Array, targets: Int32Array, B: number, T: number, gradScale: number): Promise<NativeLossSum> {
-    return call(async () => {
-      const N = posInt('NativeLlama.forwardBackward: B', B) * posInt('NativeLlama.forwardBackward: T', T);
-      i32('NativeLlama.forwardBackward: inputs', inputs, N, 'B*T');
-      i32('NativeLlama.forwardBackward: targets', targets, N, 'B*T');
-      if (typeof gradScale !== 'number' || !Number.isFinite(gradScale)) throw new ArgumentError(`NativeLlama.forwardBackward: gradScale must be a finite number, got ${String(gradScale)}`);
-      return this.raw.forwardBackward(inputs, targets, B, T, gradScale);
-    });
-  }
+/**
+ * The shared checked calls of a native model (`cls`: 'NativeLlama', 'NativeStitched'; V its vocabulary;
+ * caches wrapped as `cacheCls`, `cacheWhat` naming them in errors). Subclasses add the training step.
+ * @internal
+ */
+export class CheckedModel<R extends NativeModelCalls> implements NativeModelCalls, Disposable {
+  constructor(
+    protected readonly raw: R,
+    protected readonly V: number,
+    protected readonly cls: string,
+    private readonly cacheCls = 'NativeKvCache',
+    private readonly cacheWhat = 'a NativeKvCache',
+  ) {}
 
   loss(inputs: Int32Array, targets: Int32Array, B: number, T: number, losses: Float32Array | null = null): Promise<NativeLossSum> {
     return call(async () => {
-      const N = posInt('NativeLlama.loss: B', B) * posInt('NativeLlama.loss: T', T);
-      i32('NativeLlama.loss: inputs', inputs, N, 'B*T');
-      i32('NativeLlama.loss: targets', targets, N, 'B*T');
-      if (losses !== null && losses !== undefined) f32('NativeLlama.loss: losses', losses, N, 'B*T');
+      const w = `${this.cls}.loss`;
+      const N = posInt(`${w}: B`, B) * posInt(`${w}: T`, T);
+      i32(`${w}: inputs`, inputs, N, 'B*T');
+      i32(`${w}: targets`, targets, N, 'B*T');
+      if (losses !== null && losses !== undefined) f32(`${w}: losses`, losses, N, 'B*T');
       return this.raw.loss(inputs, targets, B, T, losses ?? null);
     });
   }
 
   logits(tokens: Int32Array, B: number, T: number, out: Float32Array): Promise<void> {
     return call(async () => {
-      const N = posInt('NativeLlama.logits: B', B) * posInt('NativeLlama.logits: T', T);
-      i32('NativeLlama.logits: tokens', tokens, N, 'B*T');
-      f32('NativeLlama.logits: out', out, N * this.V, 'B*T*V');
+      const w = `${this.cls}.logits`;
+      const N = posInt(`${w}: B`, B) * posInt(`${w}: T`, T);
+      i32(`${w}: tokens`, tokens, N, 'B*T');
+      f32(`${w}: out`, out, N * this.V, 'B*T*V');
       return this.raw.logits(tokens, B, T, out);
     });
   }
 
   createCache(slots: number, capacity: number): NativeKvCache {
-    posInt('NativeLlama.createCache: slots', slots);
-    posInt('NativeLlama.createCache: capacity', capacity);
-    return new CheckedKvCache(sync(() => this.raw.createCache(slots, capacity)));
+    posInt(`${this.cls}.createCache: slots`, slots);
+    posInt(`${this.cls}.createCache: capacity`, capacity);
+    return new CheckedKvCache(
+      sync(() => this.raw.createCache(slots, capacity)),
+      this.cacheCls,
+    );
   }
 
   prefill(cache: NativeKvCache, slot: number, tokens: Int32Array, out: Float32Array): Promise<void> {
     return call(async () => {
-      const c = rawCache('NativeLlama.prefill', cache);
-      nonNegInt('NativeLlama.prefill: slot', slot);
-      i32('NativeLlama.prefill: tokens', tokens);
-      if (tokens.length < 1) throw new ShapeError('NativeLlama.prefill: tokens must hold at least one id');
-      f32('NativeLlama.prefill: out', out, this.V, 'V', true);
+      const w = `${this.cls}.prefill`;
+      const c = rawCache(w, cache, this.cacheWhat);
+      nonNegInt(`${w}: slot`, slot);
+      i32(`${w}: tokens`, tokens);
+      if (tokens.length < 1) throw new ShapeError(`${w}: tokens must hold at least one id`);
+      f32(`${w}: out`, out, this.V, 'V', true);
       return this.raw.prefill(c, slot, tokens, out);
     });
   }
 
   decode(cache: NativeKvCache, slots: Int32Array, tokens: Int32Array, out: Float32Array): Promise<void> {
     return call(async () => {
-      const c = rawCache('NativeLlama.decode', cache);
-      i32('NativeLlama.decode: slots', slots);
-      if (slots.length < 1) throw new ShapeError('NativeLlama.decode: slots must hold at least one slot');
-      i32('NativeLlama.decode: tokens', tokens, slots.length, 'slots.length');
-      f32('NativeLlama.decode: out', out, slots.length * this.V, 'slots.length*V', true);
+      const w = `${this.cls}.decode`;
+      const c = rawCache(w, cache, this.cacheWhat);
+      i32(`${w}: slots`, slots);
+      if (slots.length < 1) throw new ShapeError(`${w}: slots must hold at least one slot`);
+      i32(`${w}: tokens`, tokens, slots.length, 'slots.length');
+      f32(`${w}: out`, out, slots.length * this.V, 'slots.length*V', true);
       return this.raw.decode(c, slots, tokens, out);
     });
   }
@@ -314,6 +406,27 @@ class CheckedLlama implements NativeLlama, Disposable {
   }
 }
 
+class CheckedLlama extends CheckedModel<NativeLlama> implements NativeLlama {
+  constructor(raw: NativeLlama, V: number) {
+    super(raw, V, 'NativeLlama');
+  }
+
+  forwardBackward(inputs: Int32Array, targets: Int32Array, B: number, T: number, gradScale: number): Promise<NativeLossSum> {
+    return call(async () => {
+      const N = posInt('NativeLlama.forwardBackward: B', B) * posInt('NativeLlama.forwardBackward: T', T);
+      i32('NativeLlama.forwardBackward: inputs', inputs, N, 'B*T');
+      i32('NativeLlama.forwardBackward: targets', targets, N, 'B*T');
+      if (typeof gradScale !== 'number' || !Number.isFinite(gradScale)) throw new ArgumentError(`NativeLlama.forwardBackward: gradScale must be a finite number, got ${String(gradScale)}`);
+      return this.raw.forwardBackward(inputs, targets, B, T, gradScale);
+    });
+  }
+}
+
+/** Element count of every tensor of `config` by HF name (llamaTensorNames). @internal */
+export function tensorNumel(config: NativeLlamaConfig): Map<string, number> {
+  return new Map(llamaTensorNames(config as LlamaConfig).map((s) => [s.name, s.shape.reduce((a, b) => a * b, 1)]));
+}
+
 /**
  * Creates a model in the native engine over the given arrays (no copy; they must stay unchanged in
  * shape, and the engine reads their current values at every call, so in-place optimizer updates are
@@ -329,15 +442,8 @@ class CheckedLlama implements NativeLlama, Disposable {
  */
 export function llamaCreate(config: NativeLlamaConfig, weights: Record<string, NativeWeight>, grads: Record<string, Float32Array> | null): NativeLlama {
   checkConfig(config);
-  if (typeof weights !== 'object' || weights === null) throw new ArgumentError(`llamaCreate: weights must be an object by HF name, got ${kind(weights)}`);
-  const specs = llamaTensorNames(config as LlamaConfig);
-  const numel = new Map(specs.map((s) => [s.name, s.shape.reduce((a, b) => a * b, 1)]));
-  for (const name of Object.keys(weights)) if (!numel.has(name)) throw new ArgumentError(`llamaCreate: weights has '${name}', not a tensor of this config`);
-  for (const [name, n] of numel) {
-    const w = weights[name];
-    if (w === undefined || w === null) throw new ArgumentError(`llamaCreate: weight '${name}' is missing`);
-    checkWeight(name, w, n);
-  }
+  const numel = tensorNumel(config);
+  checkModelWeights('llamaCreate', 'weights', weights, numel, config.tieWordEmbeddings);
   if (grads !== null && grads !== undefined) {
     if (typeof grads !== 'object') throw new ArgumentError(`llamaCreate: grads must be null or an object by HF name, got ${kind(grads)}`);
     for (const [name, g] of Object.entries(grads)) {

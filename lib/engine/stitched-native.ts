@@ -19,14 +19,33 @@
  * the same seed gives the same mask. Decoding runs every model on every token, each with its own KV
  * cache inside one {@link NativeStitchedCache}.
  *
- * Known limits: model weights must be Float32Array or Uint16Array (bf16 bits); mapped weights from
- * `mapFile` are refused (UnsupportedFeatureError) until the binding shares the engine's mapping code.
+ * Hub and expert weights are taken as llamaCreate takes a model's (Float32Array, Uint16Array of bf16
+ * bits, or mapped tensors {file, offset, dtype, length} from `mapFile`, which the model keeps mapped
+ * until dispose()); the argument checkers and the checked KV cache are those of lib/engine/native.ts.
+ *
+ * Known limits: stitch tensors and their gradients must be Float32Arrays (they train in place).
  */
-import { ArgumentError, DTypeError, ShapeError, UnsupportedFeatureError, fromNative } from '../errors.js';
-import { llamaTensorNames, type LlamaConfig } from '../formats/hf-config.js';
+import { ArgumentError, ShapeError } from '../errors.js';
 import { native } from '../native.js';
 import { checkStitchPlacement, stitchTensorNames, type StitchSpec } from '../stitch/layout.js';
-import type { NativeKvCache, NativeLlamaConfig, NativeLossSum, NativeWeight } from './native.js';
+import {
+  CheckedModel,
+  call,
+  checkConfig,
+  checkModelWeights,
+  configDifference,
+  f32,
+  i32,
+  kind,
+  nonNegInt,
+  posInt,
+  sync,
+  tensorNumel,
+  type NativeKvCache,
+  type NativeLlamaConfig,
+  type NativeLossSum,
+  type NativeWeight,
+} from './native.js';
 
 /** What an expert's stream becomes after an E->H stitch: its projection p_e (paper) or unchanged h_e. */
 export type NativeExpertStream = 'projected' | 'unchanged';
@@ -90,50 +109,6 @@ export interface StitchedCreateOptions {
 // ---------------------------------------------------------------------------------------------------
 // Checks
 
-const ENGINE_FIELDS = [
-  'vocabSize',
-  'hiddenSize',
-  'intermediateSize',
-  'numHiddenLayers',
-  'numAttentionHeads',
-  'numKeyValueHeads',
-  'headDim',
-  'rmsNormEps',
-  'ropeTheta',
-  'ropeScaling',
-  'maxPositionEmbeddings',
-  'tieWordEmbeddings',
-] as const;
-
-function kind(v: unknown): string {
-  if (v === null) return 'null';
-  if (v === undefined) return 'undefined';
-  return (v as object).constructor?.name ?? typeof v;
-}
-
-function posInt(where: string, v: unknown): number {
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1) throw new ArgumentError(`${where} must be a positive integer, got ${String(v)}`);
-  return v;
-}
-
-function nonNegInt(where: string, v: unknown): number {
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw new ArgumentError(`${where} must be a non-negative integer, got ${String(v)}`);
-  return v;
-}
-
-function i32(where: string, a: unknown, len?: number, shape?: string): Int32Array {
-  if (!(a instanceof Int32Array)) throw new DTypeError(`${where} must be an Int32Array, got ${kind(a)}`);
-  if (len !== undefined && a.length !== len) throw new ShapeError(`${where} has ${a.length} elements, expected ${shape} = ${len}`);
-  return a;
-}
-
-function f32(where: string, a: unknown, len?: number, shape?: string, atLeast = false): Float32Array {
-  if (!(a instanceof Float32Array)) throw new DTypeError(`${where} must be a Float32Array, got ${kind(a)}`);
-  if (len !== undefined && (atLeast ? a.length < len : a.length !== len))
-    throw new ShapeError(`${where} has ${a.length} elements, expected ${atLeast ? 'at least ' : ''}${shape} = ${len}`);
-  return a;
-}
-
 /**
  * Checks that every expert config equals the hub's in each field the engine reads (sizes, norm
  * epsilon, RoPE, context length, tied embeddings). Throws ArgumentError naming the first mismatch:
@@ -142,13 +117,10 @@ function f32(where: string, a: unknown, len?: number, shape?: string, atLeast = 
 export function checkExpertConfigs(hub: NativeLlamaConfig, experts: readonly NativeLlamaConfig[], names?: readonly string[]): void {
   experts.forEach((e, i) => {
     if (typeof e !== 'object' || e === null) throw new ArgumentError(`stitchedCreate: expertConfigs[${i}] must be a config object, got ${kind(e)}`);
-    for (const f of ENGINE_FIELDS) {
-      const a = JSON.stringify(e[f] ?? null);
-      const b = JSON.stringify(hub[f] ?? null);
-      if (a !== b) {
-        const who = names?.[i] ? `expert ${i} (${names[i]})` : `expert ${i}`;
-        throw new ArgumentError(`stitchedCreate: ${who} has ${f} ${a}, the hub ${b}: all models of a stitched model must share one architecture`);
-      }
+    const d = configDifference(hub, e);
+    if (d) {
+      const who = names?.[i] ? `expert ${i} (${names[i]})` : `expert ${i}`;
+      throw new ArgumentError(`stitchedCreate: ${who} has ${d.field} ${d.b}, the hub ${d.a}: all models of a stitched model must share one architecture`);
     }
   });
 }
@@ -163,85 +135,18 @@ function checkSpec(spec: NativeStitchSpec, L: number): void {
     throw new ArgumentError(`stitchedCreate: spec.gateDropout must be a number in [0, 1), got ${String(spec.gateDropout)}`);
 }
 
-function checkModel(who: string, weights: Record<string, NativeWeight>, numel: Map<string, number>, tie: boolean): void {
-  if (typeof weights !== 'object' || weights === null || ArrayBuffer.isView(weights) || Array.isArray(weights))
-    throw new ArgumentError(`stitchedCreate: ${who} must be an object of tensors by HF name, got ${kind(weights)}`);
-  for (const name of Object.keys(weights))
-    if (!numel.has(name))
-      throw new ArgumentError(
-        `stitchedCreate: ${who} has '${name}', not a tensor of this config${tie && name === 'lm_head.weight' ? ' (tieWordEmbeddings: the LM head is model.embed_tokens.weight)' : ''}`,
-      );
-  for (const [name, n] of numel) {
-    const w = weights[name];
-    const where = `stitchedCreate: ${who}['${name}']`;
-    if (w === undefined || w === null) throw new ArgumentError(`stitchedCreate: ${who}: weight '${name}' is missing`);
-    if (w instanceof Float32Array || w instanceof Uint16Array) {
-      if (w.length !== n) throw new ShapeError(`${where} has ${w.length} elements, expected numel = ${n}`);
-    } else if (typeof w === 'object' && !ArrayBuffer.isView(w) && 'file' in w) {
-      throw new UnsupportedFeatureError(`${where}: mapped weights are not supported by the stitched model yet; pass a Float32Array or a Uint16Array (bf16)`);
-    } else {
-      throw new DTypeError(`${where} must be a Float32Array or a Uint16Array (bf16), got ${kind(w)}`);
-    }
-  }
-}
-
-async function call<R>(fn: () => Promise<R>): Promise<R> {
-  try {
-    return await fn();
-  } catch (e) {
-    throw fromNative(e);
-  }
-}
-
-function sync<R>(fn: () => R): R {
-  try {
-    return fn();
-  } catch (e) {
-    throw fromNative(e);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------------
-// Wrappers
+// Wrapper
 
-class CheckedStitchedCache implements NativeStitchedCache, Disposable {
-  constructor(readonly raw: NativeStitchedCache) {}
-  length(slot: number): number {
-    return sync(() => this.raw.length(nonNegInt('NativeStitchedCache.length: slot', slot)));
-  }
-  reset(slot: number): void {
-    sync(() => this.raw.reset(nonNegInt('NativeStitchedCache.reset: slot', slot)));
-  }
-  truncate(slot: number, length: number): void {
-    sync(() => this.raw.truncate(nonNegInt('NativeStitchedCache.truncate: slot', slot), nonNegInt('NativeStitchedCache.truncate: length', length)));
-  }
-  get slots(): number {
-    return this.raw.slots;
-  }
-  get capacity(): number {
-    return this.raw.capacity;
-  }
-  dispose(): void {
-    this.raw.dispose();
-  }
-  [Symbol.dispose](): void {
-    this.dispose();
-  }
-}
-
-function rawCache(where: string, c: unknown): NativeStitchedCache {
-  if (c instanceof CheckedStitchedCache) return c.raw;
-  if (typeof c !== 'object' || c === null) throw new ArgumentError(`${where}: cache must be a stitched model's cache (from createCache), got ${kind(c)}`);
-  return c as NativeStitchedCache;
-}
-
-class CheckedStitched implements NativeStitched, Disposable {
+class CheckedStitched extends CheckedModel<NativeStitched> implements NativeStitched {
   constructor(
-    private readonly raw: NativeStitched,
-    private readonly V: number,
+    raw: NativeStitched,
+    V: number,
     private readonly K: number,
     private readonly M: number,
-  ) {}
+  ) {
+    super(raw, V, 'NativeStitched', 'NativeStitchedCache', "a stitched model's cache");
+  }
 
   forwardBackward(inputs: Int32Array, targets: Int32Array, B: number, T: number, gradScale: number, seed = 0): Promise<NativeLossSum> {
     return call(async () => {
@@ -255,53 +160,6 @@ class CheckedStitched implements NativeStitched, Disposable {
     });
   }
 
-  loss(inputs: Int32Array, targets: Int32Array, B: number, T: number, losses: Float32Array | null = null): Promise<NativeLossSum> {
-    return call(async () => {
-      const N = posInt('NativeStitched.loss: B', B) * posInt('NativeStitched.loss: T', T);
-      i32('NativeStitched.loss: inputs', inputs, N, 'B*T');
-      i32('NativeStitched.loss: targets', targets, N, 'B*T');
-      if (losses !== null && losses !== undefined) f32('NativeStitched.loss: losses', losses, N, 'B*T');
-      return this.raw.loss(inputs, targets, B, T, losses ?? null);
-    });
-  }
-
-  logits(tokens: Int32Array, B: number, T: number, out: Float32Array): Promise<void> {
-    return call(async () => {
-      const N = posInt('NativeStitched.logits: B', B) * posInt('NativeStitched.logits: T', T);
-      i32('NativeStitched.logits: tokens', tokens, N, 'B*T');
-      f32('NativeStitched.logits: out', out, N * this.V, 'B*T*V');
-      return this.raw.logits(tokens, B, T, out);
-    });
-  }
-
-  createCache(slots: number, capacity: number): NativeStitchedCache {
-    posInt('NativeStitched.createCache: slots', slots);
-    posInt('NativeStitched.createCache: capacity', capacity);
-    return new CheckedStitchedCache(sync(() => this.raw.createCache(slots, capacity)));
-  }
-
-  prefill(cache: NativeStitchedCache, slot: number, tokens: Int32Array, out: Float32Array): Promise<void> {
-    return call(async () => {
-      const c = rawCache('NativeStitched.prefill', cache);
-      nonNegInt('NativeStitched.prefill: slot', slot);
-      i32('NativeStitched.prefill: tokens', tokens);
-      if (tokens.length < 1) throw new ShapeError('NativeStitched.prefill: tokens must hold at least one id');
-      f32('NativeStitched.prefill: out', out, this.V, 'V', true);
-      return this.raw.prefill(c, slot, tokens, out);
-    });
-  }
-
-  decode(cache: NativeStitchedCache, slots: Int32Array, tokens: Int32Array, out: Float32Array): Promise<void> {
-    return call(async () => {
-      const c = rawCache('NativeStitched.decode', cache);
-      i32('NativeStitched.decode: slots', slots);
-      if (slots.length < 1) throw new ShapeError('NativeStitched.decode: slots must hold at least one slot');
-      i32('NativeStitched.decode: tokens', tokens, slots.length, 'slots.length');
-      f32('NativeStitched.decode: out', out, slots.length * this.V, 'slots.length*V', true);
-      return this.raw.decode(c, slots, tokens, out);
-    });
-  }
-
   gates(tokens: Int32Array, out: Float32Array): Promise<void> {
     return call(async () => {
       i32('NativeStitched.gates: tokens', tokens);
@@ -310,18 +168,6 @@ class CheckedStitched implements NativeStitched, Disposable {
       return this.raw.gates(tokens, out);
     });
   }
-
-  workspaceBytes(): number {
-    return sync(() => this.raw.workspaceBytes());
-  }
-
-  dispose(): void {
-    this.raw.dispose();
-  }
-
-  [Symbol.dispose](): void {
-    this.dispose();
-  }
 }
 
 /**
@@ -329,8 +175,9 @@ class CheckedStitched implements NativeStitched, Disposable {
  * their current values at every call, so in-place optimizer updates of the stitch tensors are seen).
  * Checks everything before the native call.
  * @param config the architecture shared by the hub and every expert (a LlamaConfig works as is).
- * @param hub every tensor of `llamaTensorNames(config)` by HF name: Float32Array or Uint16Array (bf16).
- *   Frozen. Norm weights may be bf16 (widened once).
+ * @param hub every tensor of `llamaTensorNames(config)` by HF name: Float32Array, Uint16Array (bf16)
+ *   or a mapped tensor {file, offset, dtype, length} (see `mapFile`). Frozen. Norm weights may be bf16
+ *   (widened once).
  * @param experts n >= 1 weight records of the same form, in expert order (expert e is model e+1).
  * @param spec placement and options; see {@link NativeStitchSpec}.
  * @param weights every stitch tensor of `stitchTensorNames(D, n, spec.stitches)` as a Float32Array.
@@ -338,7 +185,7 @@ class CheckedStitched implements NativeStitched, Disposable {
  *   names are frozen). Gradients accumulate (+=); zero them between optimizer steps.
  * @param options `expertConfigs` to check against `config` (see {@link checkExpertConfigs}).
  * @throws ArgumentError, DTypeError, ShapeError naming the tensor or field; UnsupportedFeatureError for
- *   mapped weights or RoPE scaling other than llama3.
+ *   RoPE scaling other than llama3; DisposedError for a disposed mapped file.
  */
 export function stitchedCreate(
   config: NativeLlamaConfig,
@@ -349,11 +196,7 @@ export function stitchedCreate(
   grads: Record<string, Float32Array> | null,
   options: StitchedCreateOptions = {},
 ): NativeStitched {
-  if (typeof config !== 'object' || config === null) throw new ArgumentError(`stitchedCreate: config must be an object, got ${kind(config)}`);
-  for (const k of ['vocabSize', 'hiddenSize', 'intermediateSize', 'numHiddenLayers', 'numAttentionHeads', 'numKeyValueHeads', 'headDim', 'maxPositionEmbeddings'] as const)
-    posInt(`stitchedCreate: config.${k}`, config[k]);
-  if (typeof config.tieWordEmbeddings !== 'boolean')
-    throw new ArgumentError(`stitchedCreate: config.tieWordEmbeddings must be a boolean, got ${String(config.tieWordEmbeddings)}`);
+  checkConfig(config, 'stitchedCreate');
   if (!Array.isArray(experts) || experts.length < 1) throw new ArgumentError(`stitchedCreate: experts must be a non-empty array of weight records, got ${kind(experts)}`);
   if (options.expertConfigs !== undefined) {
     if (!Array.isArray(options.expertConfigs) || options.expertConfigs.length !== experts.length)
@@ -361,10 +204,9 @@ export function stitchedCreate(
     checkExpertConfigs(config, options.expertConfigs);
   }
   checkSpec(spec, config.numHiddenLayers);
-  const specs = llamaTensorNames(config as LlamaConfig);
-  const numel = new Map(specs.map((s) => [s.name, s.shape.reduce((a, b) => a * b, 1)]));
-  checkModel('hub', hub, numel, config.tieWordEmbeddings);
-  experts.forEach((e, i) => checkModel(`experts[${i}]`, e, numel, config.tieWordEmbeddings));
+  const numel = tensorNumel(config);
+  checkModelWeights('stitchedCreate', 'hub', hub, numel, config.tieWordEmbeddings);
+  experts.forEach((e, i) => checkModelWeights('stitchedCreate', `experts[${i}]`, e, numel, config.tieWordEmbeddings));
 
   const n = experts.length;
   const stitchNumel = new Map(stitchTensorNames(config.hiddenSize, n, spec.stitches).map((t) => [t.name, t.shape[0] * t.shape[1]]));

@@ -68,12 +68,22 @@ export interface PipelineScale {
   /** Corpus preset and cap per domain. */
   corpusPreset: 'default' | 'full';
   corpusMb?: number;
+  /**
+   * Also train and evaluate the ablations of the paper's table: BTS K=1, BTS all E->H, and BTS
+   * without the math expert after a short retraining (stitchSteps / 4 steps).
+   */
+  variants?: boolean;
 }
 
 /** Built-in scales: `toy` (CI, seconds), `demo` (the README's first command, <= 15 min on 2 cores). */
 export const SCALES: Record<string, PipelineScale> = {
-  toy: { name: 'toy', model: { D: 32, L: 2, H: 2, Hkv: 1, F: 64 }, vocabSize: 384, tokenizerMb: 0.3, seqLen: 32, batchSize: 4, seedSteps: 16, expertSteps: 16, stitchSteps: 10, K: 2, lr: 1e-2, stitchLr: 1e-2, evalTokens: 2000, mathProblems: 3, mathMaxTokens: 12, corpusPreset: 'default' },
-  demo: { name: 'demo', model: { D: 128, L: 4, H: 4, Hkv: 2, F: 352 }, vocabSize: 2048, tokenizerMb: 4, seqLen: 128, batchSize: 16, seedSteps: 600, expertSteps: 250, stitchSteps: 250, K: 2, lr: 2e-3, stitchLr: 2e-3, evalTokens: 40000, mathProblems: 40, mathMaxTokens: 96, corpusPreset: 'default' },
+  toy: { name: 'toy', model: { D: 32, L: 2, H: 2, Hkv: 1, F: 64 }, vocabSize: 384, tokenizerMb: 0.3, seqLen: 32, batchSize: 4, seedSteps: 30, expertSteps: 40, stitchSteps: 12, K: 2, lr: 1e-2, stitchLr: 1e-2, evalTokens: 2000, mathProblems: 3, mathMaxTokens: 12, corpusPreset: 'default' },
+  /**
+   * The reproduce run of issue 5 (about two hours on 2 cores, full corpora): a ~9M-parameter seed on
+   * tens of millions of tokens, and every ablation of the table.
+   */
+  reproduce: { name: 'reproduce', model: { D: 256, L: 6, H: 8, Hkv: 4, F: 688 }, vocabSize: 8192, tokenizerMb: 20, seqLen: 256, batchSize: 16, seedSteps: 6000, expertSteps: 1500, stitchSteps: 1200, K: 2, lr: 1e-3, stitchLr: 1e-3, evalTokens: 200000, mathProblems: 200, mathMaxTokens: 128, corpusPreset: 'full', variants: true },
+  demo: { name: 'demo', model: { D: 128, L: 4, H: 4, Hkv: 2, F: 352 }, vocabSize: 2048, tokenizerMb: 4, seqLen: 128, batchSize: 16, seedSteps: 450, expertSteps: 200, stitchSteps: 180, K: 2, lr: 2e-3, stitchLr: 2e-3, evalTokens: 20000, mathProblems: 24, mathMaxTokens: 64, corpusPreset: 'default' },
 };
 
 /** Options of {@link runPipeline}. */
@@ -157,7 +167,7 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
   // 1. data
   const corpusDir = path.resolve(o.corpusDir ?? path.join(out, 'data'));
   await phase('data', () => fs.existsSync(path.join(corpusDir, 'manifest.json')), async () => {
-    await buildCorpora({ preset: scale.corpusPreset, out: corpusDir, seed, sources: o.corpusSources, maxMb: scale.corpusMb, signal: o.signal, onProgress: o.progress === false ? undefined : (e) => log(o, `  data: ${JSON.stringify(e).slice(0, 160)}`) });
+    await buildCorpora({ preset: scale.corpusPreset, out: corpusDir, seed, sources: o.corpusSources, maxMb: scale.corpusMb, signal: o.signal, onProgress: o.progress === false ? undefined : (e) => log(o, `  data: ${e.message}`) });
   });
   const corpus = openCorpus(corpusDir);
   for (const d of DOMAINS) if (!corpus.domains().includes(d)) throw new FormatError(`${corpusDir}: the corpus has no '${d}' domain (rebuild it with bts data)`);
@@ -271,6 +281,29 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
     if (r.model !== model) model.disposeAll();
   });
 
+  // 7b. ablations (scale.variants): K=1, all E->H, and the math expert removed then retrained briefly.
+  const variantDirs: { name: string; dir: string }[] = [];
+  if (scale.variants) {
+    const variants: { name: string; dir: string; make: () => Promise<StitchedModel>; steps: number }[] = [
+      { name: 'BTS K=1', dir: path.join(out, 'bts-k1'), steps: scale.stitchSteps, make: async () => { const { hub, experts } = await loadMembers(); return StitchedModel.create(hub, experts, { K: 1, expertNames: EXPERT_DOMAINS, seed }); } },
+      { name: `BTS all E->H (K=${scale.K})`, dir: path.join(out, 'bts-alleh'), steps: scale.stitchSteps, make: async () => { const { hub, experts } = await loadMembers(); return StitchedModel.create(hub, experts, { K: scale.K, pattern: 'all-eh', expertNames: EXPERT_DOMAINS, seed }); } },
+      { name: 'BTS without math expert, retrained', dir: path.join(out, 'bts-nomath-retrained'), steps: Math.max(1, Math.floor(scale.stitchSteps / 4)), make: async () => (await StitchedModel.load(btsDir)).removeExpert('math') },
+    ];
+    for (const v of variants) {
+      variantDirs.push({ name: v.name, dir: v.dir });
+      await phase(`variant:${path.basename(v.dir)}`, () => fs.existsSync(path.join(v.dir, 'train.json')), async () => {
+        const model = await v.make();
+        const r = await runTraining(model, {
+          ...train(v.name), train: await mixTrain(), mixWeights: mix, heldOut: await mixHeld(), out: v.dir, steps: v.steps, lr: scale.stitchLr, minLrRatio: 0.01, weightDecay: 0, evalBatches: 4, title: v.name,
+          saveFinal: async (m, dir) => (m as StitchedModel).save(dir),
+          loadCheckpointModel: async (dir) => StitchedModel.load(dir),
+        });
+        (r.model as StitchedModel).disposeAll();
+        if (r.model !== model) model.disposeAll();
+      });
+    }
+  }
+
   // 8. evaluate
   const resultsFile = path.join(out, 'results.json');
   let rows: ResultRow[] = [];
@@ -294,6 +327,12 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
       [`BTS (K=${scale.K})`, bts],
       ['BTS without math expert', btsNoMath],
     ];
+    const variantModels: StitchedModel[] = [];
+    for (const v of variantDirs) {
+      const m = await StitchedModel.load(v.dir);
+      variantModels.push(m);
+      candidates.push([v.name, m]);
+    }
     rows = [];
     for (const [name, model] of candidates) {
       log(o, `  evaluating ${name}`);
@@ -319,6 +358,7 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
     const gm = await gateMap(bts, sample, 96);
     writeSvg(path.join(out, 'figures', 'gates.svg'), gm.svg);
     btsNoMath.dispose();
+    for (const m of variantModels) m.dispose();
     bts.disposeAll();
     soup.dispose();
     dense.dispose();

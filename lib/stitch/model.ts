@@ -420,9 +420,9 @@ export class StitchedModel implements CausalDecoder {
     }
     this.handle = stitchedCreate(
       this.hub.config,
-      // The stitched engine takes typed arrays (mapped members are read into memory once).
-      this.hub.nativeWeights({ mapped: false }),
-      this.experts.map((e) => e.nativeWeights({ mapped: false })),
+      // Mapped members go to the engine as mapped tensors (the model keeps the mappings).
+      this.hub.nativeWeights(),
+      this.experts.map((e) => e.nativeWeights()),
       { stitches: this.placement, expertStream: this.expertStream, hubBias: this.hubBias, gateDropout: this.gateDropout },
       weights,
       grads,

@@ -31,7 +31,6 @@ using namespace detail;
 namespace {
 
 constexpr int64_t kMaxDim = int64_t(1) << 31;    // any single dimension
-constexpr int64_t kMaxRows = int64_t(1) << 24;   // B*T (and decode rows) per call
 
 std::string S(int64_t x) { return std::to_string(x); }
 
@@ -239,24 +238,33 @@ LlamaModel::LlamaModel(const LlamaConfig& c, const ModelWeights& w, const ModelG
       }
 }
 
-void LlamaModel::check_shape(const char* op, int64_t B, int64_t T) const {
+// ---------------------------------------------------------------------------------------------------
+// Model-level steps shared with the stitched model (llama.h).
+
+void check_rows(const LlamaConfig& c, const char* op, int64_t B, int64_t T) {
   if (B < 1 || T < 1) fail("E_ARGUMENT", std::string(op) + ": B and T must be >= 1, got B = " + S(B) + ", T = " + S(T));
-  if (T > c_.max_pos)
-    fail("E_ARGUMENT", std::string(op) + ": T = " + S(T) + " exceeds maxPositionEmbeddings = " + S(c_.max_pos));
+  if (T > c.max_pos)
+    fail("E_ARGUMENT", std::string(op) + ": T = " + S(T) + " exceeds maxPositionEmbeddings = " + S(c.max_pos));
   if (B > kMaxRows || B * T > kMaxRows)
     fail("E_ARGUMENT", std::string(op) + ": B*T = " + S(B * T) + " exceeds the limit of " + S(kMaxRows) + " rows per call");
 }
 
-void LlamaModel::check_ids(const char* op, const char* arg, const int32_t* ids, int64_t n, bool allow_ignore) const {
+void check_token_ids(const LlamaConfig& c, const char* op, const char* arg, const int32_t* ids, int64_t n, bool allow_ignore) {
   for (int64_t i = 0; i < n; i++) {
     const int32_t t = ids[i];
-    if ((t < 0 || int64_t(t) >= c_.V) && !(allow_ignore && t == -100))
+    if ((t < 0 || int64_t(t) >= c.V) && !(allow_ignore && t == -100))
       fail("E_TOKEN_RANGE", std::string(op) + ": '" + arg + "' at position " + S(i) + " is " + S(t) + ", outside [0, V) with V = " +
-                                S(c_.V) + (allow_ignore ? " (and not the ignore index -100)" : ""));
+                                S(c.V) + (allow_ignore ? " (and not the ignore index -100)" : ""));
   }
 }
 
-float* LlamaModel::grow(std::vector<float>& v, int64_t n) {
+void check_batch(const LlamaConfig& c, const char* op, const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T) {
+  check_rows(c, op, B, T);
+  check_token_ids(c, op, "inputs", inputs, B * T, false);
+  check_token_ids(c, op, "targets", targets, B * T, true);
+}
+
+float* grow_floats(std::vector<float>& v, int64_t n) {
   if (int64_t(v.size()) < n) {
     v.clear();
     v.shrink_to_fit();
@@ -265,27 +273,58 @@ float* LlamaModel::grow(std::vector<float>& v, int64_t n) {
   return v.data();
 }
 
-void LlamaModel::ensure_rope(int64_t P) {
+void RowPositions::ensure_rope(const LlamaConfig& c, int64_t P) {
   if (P <= rope_P_) return;
-  rope_.assign(size_t(P * c_.Dh), 0.f);
+  rope_.assign(size_t(P * c.Dh), 0.f);
   RopeTableParams p;
-  p.P = P, p.Dh = c_.Dh, p.theta = c_.rope.theta;
-  p.factor = c_.rope.factor, p.low_freq_factor = c_.rope.low_freq_factor, p.high_freq_factor = c_.rope.high_freq_factor;
-  p.original_max_position_embeddings = c_.rope.original_max_position_embeddings;
+  p.P = P, p.Dh = c.Dh, p.theta = c.rope.theta;
+  p.factor = c.rope.factor, p.low_freq_factor = c.rope.low_freq_factor, p.high_freq_factor = c.rope.high_freq_factor;
+  p.original_max_position_embeddings = c.rope.original_max_position_embeddings;
   p.table = rope_.data();
   rope_table(p);
   rope_P_ = P;
 }
 
-void LlamaModel::embed(const int32_t* ids, int64_t n, float* out) {
-  const int64_t D = c_.D;
-  if (w_.embed.f32) {
+BlockCtx RowPositions::sequences(const LlamaConfig& c, int64_t B, int64_t T) {
+  ensure_rope(c, T);
+  pos_.resize(std::max(pos_.size(), size_t(B * T)));
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t t = 0; t < T; t++) pos_[size_t(b * T + t)] = int32_t(t);
+  BlockCtx ctx;
+  ctx.B = B, ctx.T = T, ctx.rope = rope_.data(), ctx.P = rope_P_, ctx.pos = pos_.data();
+  return ctx;
+}
+
+DecodeCtx RowPositions::decode(const LlamaConfig& c, const DecodeSegment* segs, int64_t nsegs, int64_t R, int64_t Tcap) {
+  ensure_rope(c, Tcap);
+  pos_.resize(std::max(pos_.size(), size_t(R)));
+  for (int64_t i = 0; i < nsegs; i++)
+    for (int64_t r = 0; r < segs[i].count; r++) pos_[size_t(segs[i].row0 + r)] = int32_t(segs[i].start + r);
+  DecodeCtx ctx;
+  ctx.R = R, ctx.pos = pos_.data(), ctx.rope = rope_.data(), ctx.P = rope_P_;
+  ctx.segs = segs, ctx.nsegs = nsegs, ctx.Tcap = Tcap;
+  return ctx;
+}
+
+void RowPositions::release() {
+  rope_.clear();
+  rope_.shrink_to_fit();
+  rope_P_ = 0;
+  pos_.clear();
+  pos_.shrink_to_fit();
+}
+
+size_t RowPositions::bytes() const { return rope_.size() * sizeof(float) + pos_.size() * sizeof(int32_t); }
+
+void embed_tokens(const LlamaConfig& c, const Weight& table, const int32_t* ids, int64_t n, float* out) {
+  const int64_t D = c.D;
+  if (table.f32) {
     EmbeddingParams p;
-    p.N = n, p.V = c_.V, p.D = D, p.ids = ids, p.table = w_.embed.f32, p.out = out;
+    p.N = n, p.V = c.V, p.D = D, p.ids = ids, p.table = table.f32, p.out = out;
     embedding_forward(p);
     return;
   }
-  const bf16* t = w_.embed.b16;  // bf16 table: gather and widen (ids already checked)
+  const bf16* t = table.b16;  // bf16 table: gather and widen (ids already checked)
   parallel_for(n, std::max<int64_t>(1, 8192 / D), [&](int64_t r0, int64_t r1, int) {
     for (int64_t r = r0; r < r1; r++) {
       const bf16* src = t + int64_t(ids[r]) * D;
@@ -295,34 +334,77 @@ void LlamaModel::embed(const int32_t* ids, int64_t n, float* out) {
   });
 }
 
-const float* LlamaModel::head_f32() {
-  if (w_.lm_head.f32) return w_.lm_head.f32;
-  const int64_t n = c_.V * c_.D;
-  if (int64_t(head32_.size()) != n) {
-    head32_.resize(size_t(n));
-    const bf16* src = w_.lm_head.b16;
-    float* dst = head32_.data();
+const float* head_fp32(const LlamaConfig& c, const Weight& head, std::vector<float>& copy) {
+  if (head.f32) return head.f32;
+  const int64_t n = c.V * c.D;
+  if (int64_t(copy.size()) != n) {
+    copy.resize(size_t(n));
+    const bf16* src = head.b16;
+    float* dst = copy.data();
     parallel_for(n, 1 << 16, [&](int64_t i0, int64_t i1, int) {
       for (int64_t i = i0; i < i1; i++) dst[i] = bf16_to_f32(src[i]);
     });
   }
-  return head32_.data();
+  return copy.data();
 }
 
-void LlamaModel::head_gemm(const float* x, int64_t n, float* out) { linear_fwd(w_.lm_head, x, n, c_.D, c_.V, out, 0.f); }
+LlamaModel::Loss head_loss(const LlamaConfig& c, const float* xf, int64_t N, const float* head32, const int32_t* targets, float* losses,
+                           float grad_scale, float* dx, float* dw) {
+  LlamaModel::Loss out;
+  CrossEntropyParams ce;
+  ce.N = N, ce.D = c.D, ce.V = c.V, ce.ignore_index = -100;
+  ce.x = xf, ce.w = head32, ce.targets = targets, ce.losses = losses;
+  ce.loss_sum = &out.sum, ce.count = &out.count, ce.grad_scale = grad_scale;
+  ce.dx = dx, ce.dw = dw;
+  cross_entropy_forward_backward(ce);
+  return out;
+}
+
+void final_logits(const LlamaConfig& c, const float* norm, const Weight& head, const float* x, int64_t rows, float* xf, float* out) {
+  rmsnorm(x, norm, rows, c.D, c.eps, xf, nullptr);
+  linear_fwd(head, xf, rows, c.D, c.V, out, 0.f);
+}
+
+DecodeSegment prefill_segment(const char* op, const KvCache& kv, int64_t slot, int64_t T) {
+  if (slot < 0 || slot >= kv.slots())
+    fail("E_ARGUMENT", std::string(op) + ": slot " + S(slot) + " is out of range [0, " + S(kv.slots()) + ")");
+  if (T < 1 || T > kMaxRows) fail("E_ARGUMENT", std::string(op) + ": tokens must hold 1.." + S(kMaxRows) + " ids, got " + S(T));
+  const int64_t len = kv.length(slot);
+  if (len + T > kv.capacity())
+    fail("E_ARGUMENT", std::string(op) + ": slot " + S(slot) + " holds " + S(len) + " tokens; " + S(T) +
+                           " more would exceed the cache capacity of " + S(kv.capacity()));
+  DecodeSegment sg;
+  sg.row0 = 0, sg.count = T, sg.slot = slot, sg.start = len;
+  return sg;
+}
+
+void decode_segments(const char* op, const KvCache& kv, const int32_t* slots, int64_t R, std::vector<DecodeSegment>& segs) {
+  if (R < 1 || R > kv.slots())
+    fail("E_ARGUMENT", std::string(op) + ": rows (slots.length) must be in 1..cache slots (" + S(kv.slots()) + "), got " + S(R));
+  segs.resize(size_t(R));
+  for (int64_t r = 0; r < R; r++) {
+    const int64_t s = slots[r];
+    if (s < 0 || s >= kv.slots())
+      fail("E_ARGUMENT", std::string(op) + ": 'slots' at position " + S(r) + " is " + S(s) + ", out of range [0, " + S(kv.slots()) + ")");
+    for (int64_t j = 0; j < r; j++)
+      if (slots[j] == s) fail("E_ARGUMENT", std::string(op) + ": slot " + S(s) + " appears twice in 'slots' (positions " + S(j) + " and " + S(r) + ")");
+    const int64_t len = kv.length(s);
+    if (len + 1 > kv.capacity())
+      fail("E_ARGUMENT", std::string(op) + ": slot " + S(s) + " is full (" + S(len) + " tokens, capacity " + S(kv.capacity()) + ")");
+    segs[size_t(r)].row0 = r, segs[size_t(r)].count = 1, segs[size_t(r)].slot = s, segs[size_t(r)].start = len;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Model calls.
 
 const float* LlamaModel::forward_nosave(const int32_t* ids, int64_t B, int64_t T, float* rstd_f) {
   const int64_t N = B * T, D = c_.D;
-  ensure_rope(T);
-  pos_.resize(std::max(pos_.size(), size_t(N)));
-  for (int64_t b = 0; b < B; b++)
-    for (int64_t t = 0; t < T; t++) pos_[size_t(b * T + t)] = int32_t(t);
-  BlockCtx ctx;
-  ctx.B = B, ctx.T = T, ctx.rope = rope_.data(), ctx.P = rope_P_, ctx.pos = pos_.data();
-  float* x = grow(x_, N * D);
-  embed(ids, N, x);
+  const BlockCtx ctx = rows_.sequences(c_, B, T);
+  float* x = grow_floats(x_, N * D);
+  embed_tokens(c_, w_.embed, ids, N, x);
   for (int64_t i = 0; i < c_.L; i++) block_forward(c_, w_.layers[size_t(i)], ctx, x, x, nullptr, ws_);
-  float* xf = grow(xf_, N * D);
+  float* xf = grow_floats(xf_, N * D);
   rmsnorm(x, w_.norm, N, D, c_.eps, xf, rstd_f);
   return xf;
 }
@@ -333,44 +415,30 @@ LlamaModel::Loss LlamaModel::forward_backward(const int32_t* inputs, const int32
   ComputeLock lock;
   if (!trainable_)
     fail("E_ARGUMENT", std::string(op) + ": the model was created without gradient buffers (frozen); pass grads to llamaCreate to train");
-  check_shape(op, B, T);
   if (!std::isfinite(grad_scale)) fail("E_ARGUMENT", std::string(op) + ": gradScale must be finite, got " + std::to_string(grad_scale));
+  check_batch(c_, op, inputs, targets, B, T);
   const int64_t N = B * T, D = c_.D, L = c_.L;
-  check_ids(op, "inputs", inputs, N, false);
-  check_ids(op, "targets", targets, N, true);
-
-  ensure_rope(T);
-  pos_.resize(std::max(pos_.size(), size_t(N)));
-  for (int64_t b = 0; b < B; b++)
-    for (int64_t t = 0; t < T; t++) pos_[size_t(b * T + t)] = int32_t(t);
-  BlockCtx ctx;
-  ctx.B = B, ctx.T = T, ctx.rope = rope_.data(), ctx.P = rope_P_, ctx.pos = pos_.data();
+  const BlockCtx ctx = rows_.sequences(c_, B, T);
 
   // ---- forward, saving activations of the layers the backward visits
-  float* stream = grow(stream_, (L + 1) * N * D);  // x_i = stream + i*N*D
+  float* stream = grow_floats(stream_, (L + 1) * N * D);  // x_i = stream + i*N*D
   const int64_t per = BlockActs::floats(c_, B, T);
-  float* arena = grow(acts_, (L - lowest_) * per);
+  float* arena = grow_floats(acts_, (L - lowest_) * per);
   std::vector<BlockActs>& acts = act_views_;
   acts.resize(size_t(L));
   for (int64_t i = lowest_; i < L; i++) acts[size_t(i)] = BlockActs::bind(c_, B, T, arena + (i - lowest_) * per);
-  embed(inputs, N, stream);
+  embed_tokens(c_, w_.embed, inputs, N, stream);
   for (int64_t i = 0; i < L; i++)
     block_forward(c_, w_.layers[size_t(i)], ctx, stream + i * N * D, stream + (i + 1) * N * D,
                   i >= lowest_ ? &acts[size_t(i)] : nullptr, ws_);
   const float* xL = stream + L * N * D;
-  float* xf = grow(xf_, N * D);
-  float* rstdf = grow(rstdf_, N);
+  float* xf = grow_floats(xf_, N * D);
+  float* rstdf = grow_floats(rstdf_, N);
   rmsnorm(xL, w_.norm, N, D, c_.eps, xf, rstdf);
 
   // ---- loss and its gradient through the LM head: dx = dL/dxf [N, D]
-  float* dx = grow(dx_, N * D);
-  Loss out;
-  CrossEntropyParams ce;
-  ce.N = N, ce.D = D, ce.V = c_.V, ce.ignore_index = -100;
-  ce.x = xf, ce.w = head_f32(), ce.targets = targets;
-  ce.loss_sum = &out.sum, ce.count = &out.count, ce.grad_scale = grad_scale;
-  ce.dx = dx, ce.dw = g_.lm_head;
-  cross_entropy_forward_backward(ce);
+  float* dx = grow_floats(dx_, N * D);
+  const Loss out = head_loss(c_, xf, N, head_fp32(c_, w_.lm_head, head32_), targets, nullptr, grad_scale, dx, g_.lm_head);
 
   // ---- backward
   if (lowest_ == L && !g_.norm) return out;
@@ -391,86 +459,47 @@ LlamaModel::Loss LlamaModel::forward_backward(const int32_t* inputs, const int32
 LlamaModel::Loss LlamaModel::loss(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T, float* losses) {
   const char* op = "loss";
   ComputeLock lock;
-  check_shape(op, B, T);
-  const int64_t N = B * T;
-  check_ids(op, "inputs", inputs, N, false);
-  check_ids(op, "targets", targets, N, true);
+  check_batch(c_, op, inputs, targets, B, T);
   const float* xf = forward_nosave(inputs, B, T, nullptr);
-  Loss out;
-  CrossEntropyParams ce;
-  ce.N = N, ce.D = c_.D, ce.V = c_.V, ce.ignore_index = -100;
-  ce.x = xf, ce.w = head_f32(), ce.targets = targets, ce.losses = losses;
-  ce.loss_sum = &out.sum, ce.count = &out.count;
-  cross_entropy_forward_backward(ce);
-  return out;
+  return head_loss(c_, xf, B * T, head_fp32(c_, w_.lm_head, head32_), targets, losses);
 }
 
 void LlamaModel::logits(const int32_t* tokens, int64_t B, int64_t T, float* out) {
   const char* op = "logits";
   ComputeLock lock;
-  check_shape(op, B, T);
-  check_ids(op, "tokens", tokens, B * T, false);
+  check_rows(c_, op, B, T);
+  check_token_ids(c_, op, "tokens", tokens, B * T, false);
   const float* xf = forward_nosave(tokens, B, T, nullptr);
-  head_gemm(xf, B * T, out);
+  linear_fwd(w_.lm_head, xf, B * T, c_.D, c_.V, out, 0.f);
 }
 
 void LlamaModel::decode_rows(KvCache& cache, const DecodeSegment* segs, int64_t nsegs, const int32_t* tokens, int64_t R,
                              int64_t out_row0, float* out) {
   const int64_t D = c_.D;
-  ensure_rope(cache.capacity());
-  pos_.resize(std::max(pos_.size(), size_t(R)));
-  for (int64_t i = 0; i < nsegs; i++)
-    for (int64_t r = 0; r < segs[i].count; r++) pos_[size_t(segs[i].row0 + r)] = int32_t(segs[i].start + r);
-  DecodeCtx ctx;
-  ctx.R = R, ctx.pos = pos_.data(), ctx.rope = rope_.data(), ctx.P = rope_P_;
-  ctx.segs = segs, ctx.nsegs = nsegs, ctx.Tcap = cache.capacity();
-  float* x = grow(x_, R * D);
-  embed(tokens, R, x);
+  const DecodeCtx ctx = rows_.decode(c_, segs, nsegs, R, cache.capacity());
+  float* x = grow_floats(x_, R * D);
+  embed_tokens(c_, w_.embed, tokens, R, x);
   for (int64_t i = 0; i < c_.L; i++) block_decode(c_, w_.layers[size_t(i)], ctx, cache.k(i), cache.v(i), x, ws_);
   const int64_t n = R - out_row0;
-  float* xf = grow(xf_, n * D);
-  rmsnorm(x + out_row0 * D, w_.norm, n, D, c_.eps, xf, nullptr);
-  head_gemm(xf, n, out);
+  final_logits(c_, w_.norm, w_.lm_head, x + out_row0 * D, n, grow_floats(xf_, n * D), out);
 }
 
 void LlamaModel::prefill(KvCache& cache, int64_t slot, const int32_t* tokens, int64_t T, float* out) {
   const char* op = "prefill";
   ComputeLock lock;
   if (!cache.compatible(c_)) fail("E_ARGUMENT", std::string(op) + ": the cache was made for another model shape");
-  if (slot < 0 || slot >= cache.slots())
-    fail("E_ARGUMENT", std::string(op) + ": slot " + S(slot) + " is out of range [0, " + S(cache.slots()) + ")");
-  if (T < 1 || T > kMaxRows) fail("E_ARGUMENT", std::string(op) + ": tokens must hold 1.." + S(kMaxRows) + " ids, got " + S(T));
-  const int64_t len = cache.length(slot);
-  if (len + T > cache.capacity())
-    fail("E_ARGUMENT", std::string(op) + ": slot " + S(slot) + " holds " + S(len) + " tokens; " + S(T) +
-                           " more would exceed the cache capacity of " + S(cache.capacity()));
-  check_ids(op, "tokens", tokens, T, false);
-  DecodeSegment sg;
-  sg.row0 = 0, sg.count = T, sg.slot = slot, sg.start = len;
-  segs_.assign(1, sg);
+  segs_.assign(1, prefill_segment(op, cache, slot, T));
+  check_token_ids(c_, op, "tokens", tokens, T, false);
   decode_rows(cache, segs_.data(), 1, tokens, T, T - 1, out);
-  cache.set_length(slot, len + T);
+  cache.set_length(slot, segs_[0].start + T);
 }
 
 void LlamaModel::decode(KvCache& cache, const int32_t* slots, const int32_t* tokens, int64_t R, float* out) {
   const char* op = "decode";
   ComputeLock lock;
   if (!cache.compatible(c_)) fail("E_ARGUMENT", std::string(op) + ": the cache was made for another model shape");
-  if (R < 1 || R > cache.slots())
-    fail("E_ARGUMENT", std::string(op) + ": rows (slots.length) must be in 1..cache slots (" + S(cache.slots()) + "), got " + S(R));
-  segs_.resize(size_t(R));
-  for (int64_t r = 0; r < R; r++) {
-    const int64_t s = slots[r];
-    if (s < 0 || s >= cache.slots())
-      fail("E_ARGUMENT", std::string(op) + ": 'slots' at position " + S(r) + " is " + S(s) + ", out of range [0, " + S(cache.slots()) + ")");
-    for (int64_t j = 0; j < r; j++)
-      if (slots[j] == s) fail("E_ARGUMENT", std::string(op) + ": slot " + S(s) + " appears twice in 'slots' (positions " + S(j) + " and " + S(r) + ")");
-    const int64_t len = cache.length(s);
-    if (len + 1 > cache.capacity())
-      fail("E_ARGUMENT", std::string(op) + ": slot " + S(s) + " is full (" + S(len) + " tokens, capacity " + S(cache.capacity()) + ")");
-    segs_[size_t(r)].row0 = r, segs_[size_t(r)].count = 1, segs_[size_t(r)].slot = s, segs_[size_t(r)].start = len;
-  }
-  check_ids(op, "tokens", tokens, R, false);
+  decode_segments(op, cache, slots, R, segs_);
+  check_token_ids(c_, op, "tokens", tokens, R, false);
   decode_rows(cache, segs_.data(), R, tokens, R, 0, out);
   for (int64_t r = 0; r < R; r++) cache.set_length(segs_[size_t(r)].slot, segs_[size_t(r)].start + 1);
 }
@@ -478,20 +507,18 @@ void LlamaModel::decode(KvCache& cache, const int32_t* slots, const int32_t* tok
 void LlamaModel::release() {
   ComputeLock lock;
   ws_.release();
-  for (std::vector<float>* v : {&rope_, &head32_, &stream_, &acts_, &xf_, &rstdf_, &dx_, &x_}) {
+  rows_.release();
+  for (std::vector<float>* v : {&head32_, &stream_, &acts_, &xf_, &rstdf_, &dx_, &x_}) {
     v->clear();
     v->shrink_to_fit();
   }
-  rope_P_ = 0;
-  pos_.clear();
-  pos_.shrink_to_fit();
 }
 
 size_t LlamaModel::workspace_bytes() const {
-  size_t s = ws_.bytes();
-  for (const std::vector<float>* v : {&rope_, &head32_, &stream_, &acts_, &xf_, &rstdf_, &dx_, &x_})
+  size_t s = ws_.bytes() + rows_.bytes();
+  for (const std::vector<float>* v : {&head32_, &stream_, &acts_, &xf_, &rstdf_, &dx_, &x_})
     s += v->size() * sizeof(float);
-  return s + pos_.size() * sizeof(int32_t);
+  return s;
 }
 
 }  // namespace engine

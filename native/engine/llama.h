@@ -1,7 +1,8 @@
 // llama.h: the native Llama engine: forward, backward and KV-cached decode of a Llama decoder built
 // from the op entries of bts/ops.h (GEMMs, RMSNorm, RoPE, attention, SwiGLU, embedding, fused
 // cross-entropy). No Node-API here: native/binding/engine.cc is the JS face, and the stitched model
-// (METHOD.md) reuses the block functions directly.
+// (METHOD.md) reuses the block functions directly, and the model-level steps at the end of this file
+// (checks, RoPE table and positions, embedding, fp32 head and fused loss, prefill / decode slots).
 //
 // Shape legend (common.h): B batch, T tokens per sequence, N = B*T rows, D hidden, F ffn width,
 // H query heads, Hkv key/value heads, Dh head dim, QD = H*Dh, KD = Hkv*Dh, V vocab, L layers,
@@ -243,6 +244,25 @@ class KvCache {
 };
 
 // ---------------------------------------------------------------------------------------------------
+// The RoPE table [P, Dh/2, 2] (grown to the longest P asked for) and the positions of a call's rows.
+// Not thread-safe (the models use it under their compute lock).
+class RowPositions {
+ public:
+  // B sequences of T tokens at positions 0..T-1 (training, loss, logits).
+  BlockCtx sequences(const LlamaConfig& c, int64_t B, int64_t T);
+  // R decode rows: segment i's rows at positions start.. (a table for positions < Tcap).
+  DecodeCtx decode(const LlamaConfig& c, const DecodeSegment* segs, int64_t nsegs, int64_t R, int64_t Tcap);
+  void release();
+  size_t bytes() const;
+
+ private:
+  void ensure_rope(const LlamaConfig& c, int64_t P);
+  std::vector<float> rope_;
+  int64_t rope_P_ = 0;
+  std::vector<int32_t> pos_;
+};
+
+// ---------------------------------------------------------------------------------------------------
 // The whole model. Every public call takes the compute lock for its duration (calls on one model are
 // serialised; its workspaces are shared) and validates its arguments before computing anything.
 class LlamaModel {
@@ -275,13 +295,6 @@ class LlamaModel {
   size_t workspace_bytes() const;
 
  private:
-  void check_shape(const char* op, int64_t B, int64_t T) const;
-  void check_ids(const char* op, const char* arg, const int32_t* ids, int64_t n, bool allow_ignore) const;
-  void ensure_rope(int64_t P);
-  void embed(const int32_t* ids, int64_t n, float* out);
-  const float* head_f32();  // fp32 LM head for the fused cross-entropy
-  void head_gemm(const float* x, int64_t n, float* out);  // out [n, V] = x [n, D] head^T
-  float* grow(std::vector<float>& v, int64_t n);
   // Forward of inputs through every block (in place, no saving) and the final norm: xf [N, D].
   const float* forward_nosave(const int32_t* ids, int64_t B, int64_t T, float* rstd_f);
   void decode_rows(KvCache& cache, const DecodeSegment* segs, int64_t nsegs, const int32_t* tokens, int64_t R,
@@ -294,14 +307,47 @@ class LlamaModel {
   int64_t lowest_ = 0;  // lowest layer whose backward runs (L when none); 0 when the embedding trains
 
   Workspace ws_;
-  std::vector<float> rope_;  // [P, Dh/2, 2]
-  int64_t rope_P_ = 0;
+  RowPositions rows_;          // RoPE table and row positions
   std::vector<float> head32_;  // fp32 copy of a bf16 LM head (lazy)
   std::vector<float> stream_, acts_, xf_, rstdf_, dx_, x_;
   std::vector<BlockActs> act_views_;
-  std::vector<int32_t> pos_;
   std::vector<DecodeSegment> segs_;
 };
+
+// ---------------------------------------------------------------------------------------------------
+// Model-level steps shared by LlamaModel and StitchedModel (stitched.h), in llama.cc: argument checks,
+// the RoPE table and row positions, the embedding gather, the fp32 LM head and its fused loss, and the
+// slot checks of prefill / decode. Error messages start with `op` (the JS method name).
+
+constexpr int64_t kMaxRows = int64_t(1) << 24;  // B*T (and decode rows) per call
+
+// E_ARGUMENT unless B, T >= 1, T <= maxPositionEmbeddings and B*T <= kMaxRows.
+void check_rows(const LlamaConfig& c, const char* op, int64_t B, int64_t T);
+// E_TOKEN_RANGE naming the first of ids [n] outside [0, V) (allow_ignore: -100 passes).
+void check_token_ids(const LlamaConfig& c, const char* op, const char* arg, const int32_t* ids, int64_t n, bool allow_ignore);
+// check_rows, then inputs [B*T] as token ids and targets [B*T] as ids or -100.
+void check_batch(const LlamaConfig& c, const char* op, const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T);
+// At least n floats in v (reallocated when smaller: the contents are then lost).
+float* grow_floats(std::vector<float>& v, int64_t n);
+
+// out [n, D] = rows ids [n] of an fp32 or bf16 table [V, D] (a bf16 row widened; ids already checked).
+void embed_tokens(const LlamaConfig& c, const Weight& table, const int32_t* ids, int64_t n, float* out);
+// The LM head [V, D] in fp32 for the fused cross-entropy: an fp32 head itself, a bf16 one copied once
+// into `copy` (kept; not refreshed).
+const float* head_fp32(const LlamaConfig& c, const Weight& head, std::vector<float>& copy);
+// The fused LM-head cross-entropy of xf [N, D] (after the final norm) against targets [N] (-100
+// ignored): the loss sum and count; losses [N] (may be null) per row. With dx: dL/dxf (scaled by
+// grad_scale) into dx [N, D], and the head gradient ACCUMULATED into dw when not null.
+LlamaModel::Loss head_loss(const LlamaConfig& c, const float* xf, int64_t N, const float* head32, const int32_t* targets, float* losses,
+                           float grad_scale = 1.f, float* dx = nullptr, float* dw = nullptr);
+// out [rows, V] = logits of the states x [rows, D]: final norm (into scratch xf [rows, D]) and head.
+void final_logits(const LlamaConfig& c, const float* norm, const Weight& head, const float* x, int64_t rows, float* xf, float* out);
+
+// Checks a prefill of T tokens into `slot` of a cache with kv's slots, capacity and lengths; returns
+// its segment (rows 0..T-1 at positions length..).
+DecodeSegment prefill_segment(const char* op, const KvCache& kv, int64_t slot, int64_t T);
+// Checks a decode of R rows into slots [R] (distinct, in range, not full); segs = one row each.
+void decode_segments(const char* op, const KvCache& kv, const int32_t* slots, int64_t R, std::vector<DecodeSegment>& segs);
 
 }  // namespace engine
 }  // namespace bts

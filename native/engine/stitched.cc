@@ -39,7 +39,6 @@ using namespace detail;
 
 namespace {
 
-constexpr int64_t kMaxRows = int64_t(1) << 24;  // B*T (and decode rows) per call, as the engine
 constexpr int64_t kMaxExperts = 4096;           // as the stitch ops
 
 std::string S(int64_t x) { return std::to_string(x); }
@@ -204,78 +203,15 @@ bool StitchedModel::active(int64_t k) const {
 // ---------------------------------------------------------------------------------------------------
 // Helpers.
 
-void StitchedModel::check_shape(const char* op, int64_t B, int64_t T) const {
-  if (B < 1 || T < 1) fail("E_ARGUMENT", std::string(op) + ": B and T must be >= 1, got B = " + S(B) + ", T = " + S(T));
-  if (T > c_.max_pos) fail("E_ARGUMENT", std::string(op) + ": T = " + S(T) + " exceeds maxPositionEmbeddings = " + S(c_.max_pos));
-  if (B > kMaxRows || B * T > kMaxRows)
-    fail("E_ARGUMENT", std::string(op) + ": B*T = " + S(B * T) + " exceeds the limit of " + S(kMaxRows) + " rows per call");
-}
-
-void StitchedModel::check_ids(const char* op, const char* arg, const int32_t* ids, int64_t n, bool allow_ignore) const {
-  for (int64_t i = 0; i < n; i++) {
-    const int32_t t = ids[i];
-    if ((t < 0 || int64_t(t) >= c_.V) && !(allow_ignore && t == -100))
-      fail("E_TOKEN_RANGE", std::string(op) + ": '" + arg + "' at position " + S(i) + " is " + S(t) + ", outside [0, V) with V = " +
-                                S(c_.V) + (allow_ignore ? " (and not the ignore index -100)" : ""));
-  }
-}
-
 void StitchedModel::check_cache(const char* op, StitchedCache& cache) const {
   if (cache.models() != M_ || !cache.model(0).compatible(c_))
     fail("E_ARGUMENT", std::string(op) + ": the cache was made for another model (" + S(cache.models()) + " models; this one has " + S(M_) + ")");
 }
 
-float* StitchedModel::grow(std::vector<float>& v, int64_t n) {
-  if (int64_t(v.size()) < n) {
-    v.clear();
-    v.shrink_to_fit();
-    v.resize(size_t(n));
-  }
-  return v.data();
-}
-
-void StitchedModel::ensure_rope(int64_t P) {
-  if (P <= rope_P_) return;
-  rope_.assign(size_t(P * c_.Dh), 0.f);
-  RopeTableParams p;
-  p.P = P, p.Dh = c_.Dh, p.theta = c_.rope.theta;
-  p.factor = c_.rope.factor, p.low_freq_factor = c_.rope.low_freq_factor, p.high_freq_factor = c_.rope.high_freq_factor;
-  p.original_max_position_embeddings = c_.rope.original_max_position_embeddings;
-  p.table = rope_.data();
-  rope_table(p);
-  rope_P_ = P;
-}
-
-void StitchedModel::embed(const ModelWeights& w, const int32_t* ids, int64_t n, float* out) {
-  const int64_t D = c_.D;
-  if (w.embed.f32) {
-    EmbeddingParams p;
-    p.N = n, p.V = c_.V, p.D = D, p.ids = ids, p.table = w.embed.f32, p.out = out;
-    embedding_forward(p);
-    return;
-  }
-  const bf16* t = w.embed.b16;  // bf16 table: gather and widen (ids already checked)
-  parallel_for(n, std::max<int64_t>(1, 8192 / D), [&](int64_t r0, int64_t r1, int) {
-    for (int64_t r = r0; r < r1; r++) {
-      const bf16* src = t + int64_t(ids[r]) * D;
-      float* dst = out + r * D;
-      for (int64_t d = 0; d < D; d++) dst[d] = bf16_to_f32(src[d]);
-    }
-  });
-}
-
-const float* StitchedModel::head_f32() {
-  if (hub_.lm_head.f32) return hub_.lm_head.f32;
-  const int64_t n = c_.V * c_.D;
-  if (int64_t(head32_.size()) != n) {
-    head32_.resize(size_t(n));
-    const bf16* src = hub_.lm_head.b16;
-    float* dst = head32_.data();
-    parallel_for(n, 1 << 16, [&](int64_t i0, int64_t i1, int) {
-      for (int64_t i = i0; i < i1; i++) dst[i] = bf16_to_f32(src[i]);
-    });
-  }
-  return head32_.data();
+StitchedModel::Loss StitchedModel::hub_loss(const float* h, int64_t N, const int32_t* targets, float* losses) {
+  float* xf = grow_floats(xf_, N * c_.D);
+  rmsnorm(h, hub_.norm, N, c_.D, c_.eps, xf, nullptr);
+  return head_loss(c_, xf, N, head_f32(), targets, losses);
 }
 
 void StitchedModel::gate_logits(int64_t k, const float* h0, int64_t rows, float* G, bool dropout, uint64_t seed) {
@@ -358,19 +294,14 @@ void gate_means(const float* G, int64_t rows, int64_t D, int64_t M, bool eh, flo
 
 float* StitchedModel::forward_infer(const int32_t* ids, int64_t B, int64_t T, float* gates_out) {
   const int64_t N = B * T, D = c_.D, ND = N * D;
-  ensure_rope(T);
-  pos_.resize(std::max(pos_.size(), size_t(N)));
-  for (int64_t b = 0; b < B; b++)
-    for (int64_t t = 0; t < T; t++) pos_[size_t(b * T + t)] = int32_t(t);
-  BlockCtx ctx;
-  ctx.B = B, ctx.T = T, ctx.rope = rope_.data(), ctx.P = rope_P_, ctx.pos = pos_.data();
-  float* x0 = grow(x0_, ND);
-  float* xs = grow(xs_, n_ * ND);
-  float* mixed = grow(mix_, n_ * ND);
-  float* G = grow(G_, N * D * M_);
-  embed(hub_, ids, N, x0);
+  const BlockCtx ctx = rows_.sequences(c_, B, T);
+  float* x0 = grow_floats(x0_, ND);
+  float* xs = grow_floats(xs_, n_ * ND);
+  float* mixed = grow_floats(mix_, n_ * ND);
+  float* G = grow_floats(G_, N * D * M_);
+  embed_tokens(c_, hub_.embed, ids, N, x0);
   if (last_eh_ > 0)
-    for (int64_t e = 0; e < n_; e++) embed(experts_[size_t(e)], ids, N, xs + e * ND);
+    for (int64_t e = 0; e < n_; e++) embed_tokens(c_, experts_[size_t(e)].embed, ids, N, xs + e * ND);
   for (int64_t j = 1; j <= L_; j++) {
     block_forward(c_, hub_.layers[size_t(j - 1)], ctx, x0, x0, nullptr, ws_);
     if (j <= last_eh_)
@@ -388,39 +319,25 @@ float* StitchedModel::forward_infer(const int32_t* ids, int64_t B, int64_t T, fl
 StitchedModel::Loss StitchedModel::loss(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T, float* losses) {
   const char* op = "loss";
   ComputeLock lock;
-  check_shape(op, B, T);
-  const int64_t N = B * T, D = c_.D;
-  check_ids(op, "inputs", inputs, N, false);
-  check_ids(op, "targets", targets, N, true);
-  const float* h = forward_infer(inputs, B, T, nullptr);
-  float* xf = grow(xf_, N * D);
-  rmsnorm(h, hub_.norm, N, D, c_.eps, xf, nullptr);
-  Loss out;
-  CrossEntropyParams ce;
-  ce.N = N, ce.D = D, ce.V = c_.V, ce.ignore_index = -100;
-  ce.x = xf, ce.w = head_f32(), ce.targets = targets, ce.losses = losses;
-  ce.loss_sum = &out.sum, ce.count = &out.count;
-  cross_entropy_forward_backward(ce);
-  return out;
+  check_batch(c_, op, inputs, targets, B, T);
+  return hub_loss(forward_infer(inputs, B, T, nullptr), B * T, targets, losses);
 }
 
 void StitchedModel::logits(const int32_t* tokens, int64_t B, int64_t T, float* out) {
   const char* op = "logits";
   ComputeLock lock;
-  check_shape(op, B, T);
-  const int64_t N = B * T, D = c_.D;
-  check_ids(op, "tokens", tokens, N, false);
+  check_rows(c_, op, B, T);
+  const int64_t N = B * T;
+  check_token_ids(c_, op, "tokens", tokens, N, false);
   const float* h = forward_infer(tokens, B, T, nullptr);
-  float* xf = grow(xf_, N * D);
-  rmsnorm(h, hub_.norm, N, D, c_.eps, xf, nullptr);
-  linear_fwd(hub_.lm_head, xf, N, D, c_.V, out, 0.f);
+  final_logits(c_, hub_.norm, hub_.lm_head, h, N, grow_floats(xf_, N * c_.D), out);
 }
 
 void StitchedModel::gates(const int32_t* tokens, int64_t T, float* out) {
   const char* op = "gates";
   ComputeLock lock;
-  check_shape(op, 1, T);
-  check_ids(op, "tokens", tokens, T, false);
+  check_rows(c_, op, 1, T);
+  check_token_ids(c_, op, "tokens", tokens, T, false);
   forward_infer(tokens, 1, T, out);
 }
 
@@ -433,36 +350,19 @@ StitchedModel::Loss StitchedModel::forward_backward(const int32_t* inputs, const
   ComputeLock lock;
   if (!trainable_any_)
     fail("E_ARGUMENT", std::string(op) + ": the stitched model was created without gradient buffers (frozen stitches); pass grads to train");
-  check_shape(op, B, T);
   if (!std::isfinite(grad_scale)) fail("E_ARGUMENT", std::string(op) + ": gradScale must be finite, got " + std::to_string(grad_scale));
+  check_batch(c_, op, inputs, targets, B, T);
   const int64_t N = B * T, D = c_.D, ND = N * D, M = M_, n = n_, DM = D * M, L = L_;
-  check_ids(op, "inputs", inputs, N, false);
-  check_ids(op, "targets", targets, N, true);
 
   // Trained stitches that are all inactive (H->E after the last E->H): their gradients are zero.
-  if (first_trained_ >= K_) {
-    Loss out;
-    const float* h = forward_infer(inputs, B, T, nullptr);
-    float* xf = grow(xf_, ND);
-    rmsnorm(h, hub_.norm, N, D, c_.eps, xf, nullptr);
-    CrossEntropyParams ce;
-    ce.N = N, ce.D = D, ce.V = c_.V, ce.ignore_index = -100;
-    ce.x = xf, ce.w = head_f32(), ce.targets = targets, ce.loss_sum = &out.sum, ce.count = &out.count;
-    cross_entropy_forward_backward(ce);
-    return out;
-  }
+  if (first_trained_ >= K_) return hub_loss(forward_infer(inputs, B, T, nullptr), N, targets, nullptr);
 
   const int64_t k0 = first_trained_;
   const int64_t j0 = spec_.stitches[size_t(k0)].after_block;
   const int64_t je = std::min(L, last_eh_);  // last block whose expert output matters (>= j0: k0 is active)
   const bool drop = dropout_threshold(spec_.gate_dropout) != 0;
 
-  ensure_rope(T);
-  pos_.resize(std::max(pos_.size(), size_t(N)));
-  for (int64_t b = 0; b < B; b++)
-    for (int64_t t = 0; t < T; t++) pos_[size_t(b * T + t)] = int32_t(t);
-  BlockCtx ctx;
-  ctx.B = B, ctx.T = T, ctx.rope = rope_.data(), ctx.P = rope_P_, ctx.pos = pos_.data();
+  const BlockCtx ctx = rows_.sequences(c_, B, T);
 
   // ---- plan the arena: states, stitch buffers, saved activations
   const int64_t per = BlockActs::floats(c_, B, T);
@@ -480,18 +380,18 @@ StitchedModel::Loss StitchedModel::forward_backward(const int32_t* inputs, const
   std::vector<int64_t> oActH(size_t(L + 1), -1), oActE(size_t(L + 1), -1);
   for (int64_t j = j0 + 1; j <= L; j++) oActH[size_t(j)] = a.take(per);
   for (int64_t j = j0 + 1; j <= je; j++) oActE[size_t(j)] = a.take(n * per);
-  float* base = grow(states_, a.size);
+  float* base = grow_floats(states_, a.size);
   auto at = [&](int64_t off) { return base + off; };
 
   // ---- prefix: blocks 1..j0 and stitches before k0, forward-only, in place into H[j0] / E[j0]
   float* x0 = at(oH[size_t(j0)]);
   float* xs = at(oE[size_t(j0)]);
   {
-    float* mixed = grow(mix_, n * ND);
-    float* G = grow(G_, N * DM);
+    float* mixed = grow_floats(mix_, n * ND);
+    float* G = grow_floats(G_, N * DM);
     float* xs_home = xs;
-    embed(hub_, inputs, N, x0);
-    for (int64_t e = 0; e < n; e++) embed(experts_[size_t(e)], inputs, N, xs + e * ND);
+    embed_tokens(c_, hub_.embed, inputs, N, x0);
+    for (int64_t e = 0; e < n; e++) embed_tokens(c_, experts_[size_t(e)].embed, inputs, N, xs + e * ND);
     for (int64_t j = 1; j <= j0; j++) {
       block_forward(c_, hub_.layers[size_t(j - 1)], ctx, x0, x0, nullptr, ws_);
       for (int64_t e = 0; e < n; e++) block_forward(c_, experts_[size_t(e)].layers[size_t(j - 1)], ctx, xs + e * ND, xs + e * ND, nullptr, ws_);
@@ -545,23 +445,17 @@ StitchedModel::Loss StitchedModel::forward_backward(const int32_t* inputs, const
   const float* hL = cur0;  // the hub's final state [N, D]
 
   // ---- loss: hub final norm + fused LM-head cross-entropy (frozen: dx only)
-  float* xf = grow(xf_, ND);
-  float* rstdf = grow(rstdf_, N);
+  float* xf = grow_floats(xf_, ND);
+  float* rstdf = grow_floats(rstdf_, N);
   rmsnorm(hL, hub_.norm, N, D, c_.eps, xf, rstdf);
-  float* dh0 = grow(dh0_, ND);
-  Loss out;
-  CrossEntropyParams ce;
-  ce.N = N, ce.D = D, ce.V = c_.V, ce.ignore_index = -100;
-  ce.x = xf, ce.w = head_f32(), ce.targets = targets;
-  ce.loss_sum = &out.sum, ce.count = &out.count, ce.grad_scale = grad_scale;
-  ce.dx = dh0, ce.dw = nullptr;
-  cross_entropy_forward_backward(ce);
+  float* dh0 = grow_floats(dh0_, ND);
+  const Loss out = head_loss(c_, xf, N, head_f32(), targets, nullptr, grad_scale, dh0, nullptr);
   rmsnorm_bwd(hL, hub_.norm, rstdf, N, D, dh0, nullptr);
 
   // ---- backward
-  float* dhs = grow(dhs_, n * ND);   // the experts' stream gradients (live once an E->H mixed them in)
-  float* dtmp = grow(dtmp_, n * ND); // dp / dq
-  float* dG = grow(dG_, N * DM);
+  float* dhs = grow_floats(dhs_, n * ND);   // the experts' stream gradients (live once an E->H mixed them in)
+  float* dtmp = grow_floats(dtmp_, n * ND); // dp / dq
+  float* dG = grow_floats(dG_, N * DM);
   bool have_dhs = false;
   const uint64_t thr = dropout_threshold(spec_.gate_dropout);
   for (int64_t j = L; j >= j0; j--) {
@@ -641,17 +535,11 @@ bool StitchedModel::group_models(int64_t rows) const {
 void StitchedModel::decode_rows(StitchedCache& cache, const DecodeSegment* segs, int64_t nsegs, const int32_t* tokens,
                                 int64_t R, int64_t out_row0, float* out) {
   const int64_t D = c_.D, RD = R * D;
-  ensure_rope(cache.capacity());
-  pos_.resize(std::max(pos_.size(), size_t(R)));
-  for (int64_t i = 0; i < nsegs; i++)
-    for (int64_t r = 0; r < segs[i].count; r++) pos_[size_t(segs[i].row0 + r)] = int32_t(segs[i].start + r);
-  DecodeCtx ctx;
-  ctx.R = R, ctx.pos = pos_.data(), ctx.rope = rope_.data(), ctx.P = rope_P_;
-  ctx.segs = segs, ctx.nsegs = nsegs, ctx.Tcap = cache.capacity();
-  float* x0 = grow(x0_, RD);
-  float* xs = grow(xs_, n_ * RD);
-  float* mixed = grow(mix_, n_ * RD);
-  float* G = grow(G_, R * D * M_);
+  const DecodeCtx ctx = rows_.decode(c_, segs, nsegs, R, cache.capacity());
+  float* x0 = grow_floats(x0_, RD);
+  float* xs = grow_floats(xs_, n_ * RD);
+  float* mixed = grow_floats(mix_, n_ * RD);
+  float* G = grow_floats(G_, R * D * M_);
   const bool grouped = group_models(R);
   if (grouped && int64_t(mws_.size()) < M_) mws_.resize(size_t(M_));
   // Runs fn(m) for the models m < count: one parallel region with one model per task (grouped), or
@@ -665,7 +553,7 @@ void StitchedModel::decode_rows(StitchedCache& cache, const DecodeSegment* segs,
       for (int64_t m = 0; m < count; m++) fn(m);
   };
   auto state = [&](int64_t m) { return m == 0 ? x0 : xs + (m - 1) * RD; };
-  each_model(last_eh_ > 0 ? M_ : 1, [&](int64_t m) { embed(model(m), tokens, R, state(m)); });
+  each_model(last_eh_ > 0 ? M_ : 1, [&](int64_t m) { embed_tokens(c_, model(m).embed, tokens, R, state(m)); });
   for (int64_t j = 1; j <= L_; j++) {
     const int64_t i = j - 1;
     each_model(j <= last_eh_ ? M_ : 1, [&](int64_t m) {
@@ -678,49 +566,25 @@ void StitchedModel::decode_rows(StitchedCache& cache, const DecodeSegment* segs,
     }
   }
   const int64_t rows = R - out_row0;
-  float* xf = grow(xf_, rows * D);
-  rmsnorm(x0 + out_row0 * D, hub_.norm, rows, D, c_.eps, xf, nullptr);
-  linear_fwd(hub_.lm_head, xf, rows, D, c_.V, out, 0.f);
+  final_logits(c_, hub_.norm, hub_.lm_head, x0 + out_row0 * D, rows, grow_floats(xf_, rows * D), out);
 }
 
 void StitchedModel::prefill(StitchedCache& cache, int64_t slot, const int32_t* tokens, int64_t T, float* out) {
   const char* op = "prefill";
   ComputeLock lock;
   check_cache(op, cache);
-  if (slot < 0 || slot >= cache.slots())
-    fail("E_ARGUMENT", std::string(op) + ": slot " + S(slot) + " is out of range [0, " + S(cache.slots()) + ")");
-  if (T < 1 || T > kMaxRows) fail("E_ARGUMENT", std::string(op) + ": tokens must hold 1.." + S(kMaxRows) + " ids, got " + S(T));
-  const int64_t len = cache.length(slot);
-  if (len + T > cache.capacity())
-    fail("E_ARGUMENT", std::string(op) + ": slot " + S(slot) + " holds " + S(len) + " tokens; " + S(T) +
-                           " more would exceed the cache capacity of " + S(cache.capacity()));
-  check_ids(op, "tokens", tokens, T, false);
-  DecodeSegment sg;
-  sg.row0 = 0, sg.count = T, sg.slot = slot, sg.start = len;
-  segs_.assign(1, sg);
+  segs_.assign(1, prefill_segment(op, cache.model(0), slot, T));
+  check_token_ids(c_, op, "tokens", tokens, T, false);
   decode_rows(cache, segs_.data(), 1, tokens, T, T - 1, out);
-  for (int64_t m = 0; m < M_; m++) cache.model(m).set_length(slot, len + T);
+  for (int64_t m = 0; m < M_; m++) cache.model(m).set_length(slot, segs_[0].start + T);
 }
 
 void StitchedModel::decode(StitchedCache& cache, const int32_t* slots, const int32_t* tokens, int64_t R, float* out) {
   const char* op = "decode";
   ComputeLock lock;
   check_cache(op, cache);
-  if (R < 1 || R > cache.slots())
-    fail("E_ARGUMENT", std::string(op) + ": rows (slots.length) must be in 1..cache slots (" + S(cache.slots()) + "), got " + S(R));
-  segs_.resize(size_t(R));
-  for (int64_t r = 0; r < R; r++) {
-    const int64_t s = slots[r];
-    if (s < 0 || s >= cache.slots())
-      fail("E_ARGUMENT", std::string(op) + ": 'slots' at position " + S(r) + " is " + S(s) + ", out of range [0, " + S(cache.slots()) + ")");
-    for (int64_t j = 0; j < r; j++)
-      if (slots[j] == s) fail("E_ARGUMENT", std::string(op) + ": slot " + S(s) + " appears twice in 'slots' (positions " + S(j) + " and " + S(r) + ")");
-    const int64_t len = cache.length(s);
-    if (len + 1 > cache.capacity())
-      fail("E_ARGUMENT", std::string(op) + ": slot " + S(s) + " is full (" + S(len) + " tokens, capacity " + S(cache.capacity()) + ")");
-    segs_[size_t(r)].row0 = r, segs_[size_t(r)].count = 1, segs_[size_t(r)].slot = s, segs_[size_t(r)].start = len;
-  }
-  check_ids(op, "tokens", tokens, R, false);
+  decode_segments(op, cache.model(0), slots, R, segs_);
+  check_token_ids(c_, op, "tokens", tokens, R, false);
   decode_rows(cache, segs_.data(), R, tokens, R, 0, out);
   for (int64_t r = 0; r < R; r++)
     for (int64_t m = 0; m < M_; m++) cache.model(m).set_length(segs_[size_t(r)].slot, segs_[size_t(r)].start + 1);
@@ -732,23 +596,21 @@ void StitchedModel::release() {
   ComputeLock lock;
   ws_.release();
   for (Workspace& w : mws_) w.release();
-  for (std::vector<float>* v : {&rope_, &head32_, &x0_, &xs_, &mix_, &G_, &xf_, &states_, &rstdf_, &dh0_, &dhs_, &dtmp_, &dG_}) {
+  rows_.release();
+  for (std::vector<float>* v : {&head32_, &x0_, &xs_, &mix_, &G_, &xf_, &states_, &rstdf_, &dh0_, &dhs_, &dtmp_, &dG_}) {
     v->clear();
     v->shrink_to_fit();
   }
-  rope_P_ = 0;
   act_views_.clear();
   act_views_.shrink_to_fit();
-  pos_.clear();
-  pos_.shrink_to_fit();
 }
 
 size_t StitchedModel::workspace_bytes() const {
-  size_t s = ws_.bytes();
+  size_t s = ws_.bytes() + rows_.bytes();
   for (const Workspace& w : mws_) s += w.bytes();
-  for (const std::vector<float>* v : {&rope_, &head32_, &x0_, &xs_, &mix_, &G_, &xf_, &states_, &rstdf_, &dh0_, &dhs_, &dtmp_, &dG_})
+  for (const std::vector<float>* v : {&head32_, &x0_, &xs_, &mix_, &G_, &xf_, &states_, &rstdf_, &dh0_, &dhs_, &dtmp_, &dG_})
     s += v->size() * sizeof(float);
-  return s + pos_.size() * sizeof(int32_t);
+  return s;
 }
 
 }  // namespace engine

@@ -155,13 +155,11 @@ class StitchedModel {
   // Whether stitch k changes anything the hub's output depends on: every E->H stitch, and an H->E
   // stitch below the last E->H one (an H->E stitch after it only feeds expert blocks that never run).
   bool active(int64_t k) const;
-  void check_shape(const char* op, int64_t B, int64_t T) const;
-  void check_ids(const char* op, const char* arg, const int32_t* ids, int64_t n, bool allow_ignore) const;
   void check_cache(const char* op, StitchedCache& cache) const;
-  void ensure_rope(int64_t P);
-  void embed(const ModelWeights& w, const int32_t* ids, int64_t n, float* out);
-  const float* head_f32();
-  float* grow(std::vector<float>& v, int64_t n);
+  // The hub's LM head in fp32 (a bf16 head copied once) for the fused cross-entropy.
+  const float* head_f32() { return head_fp32(c_, hub_.lm_head, head32_); }
+  // The hub's final norm and loss of its final state h [N, D] (frozen head; no gradient).
+  Loss hub_loss(const float* h, int64_t N, const int32_t* targets, float* losses);
   const ModelWeights& model(int64_t m) const { return m == 0 ? hub_ : experts_[size_t(m - 1)]; }
   // Stitch k's gate logits G [rows, D*M] from the hub state h0 [rows, D], hub bias added; with a
   // dropout seed (train) the learned part is masked first.
@@ -194,15 +192,13 @@ class StitchedModel {
 
   Workspace ws_;
   std::vector<Workspace> mws_;  // [M] one per model, for grouped decode (blocks of several models at once)
-  std::vector<float> rope_;
-  int64_t rope_P_ = 0;
+  RowPositions rows_;  // RoPE table and row positions (llama.h)
   std::vector<float> head32_;
   // inference / decode scratch
   std::vector<float> x0_, xs_, mix_, G_, xf_;
   // training arena
   std::vector<float> states_, rstdf_, dh0_, dhs_, dtmp_, dG_;  // states_: the arena of forward_backward
   std::vector<BlockActs> act_views_;
-  std::vector<int32_t> pos_;
   std::vector<DecodeSegment> segs_;
 };
 

@@ -5,7 +5,7 @@
 // dropout (deterministic per seed, a real change, training only); partial gradient buffers.
 import { describe, expect, it } from 'vitest';
 import { stitchedCreate, checkExpertConfigs, type NativeStitchSpec } from '../../lib/engine/stitched-native.js';
-import { ArgumentError, BtsError, DTypeError, DisposedError, ShapeError, TokenRangeError, UnsupportedFeatureError, fromNative } from '../../lib/index.js';
+import { ArgumentError, BtsError, DTypeError, DisposedError, ShapeError, TokenRangeError, fromNative } from '../../lib/index.js';
 import { native } from '../../lib/native.js';
 import { stitchGateName, stitchPlacement, stitchProjName } from '../../lib/stitch/layout.js';
 import { stitchedStep, type StitchedModel } from '../golden/stitch-ops.js';
@@ -108,9 +108,14 @@ describe('stitchedCreate refuses bad input with typed errors naming it', () => {
     expect(() => create({ hub: { ...h, 'model.norm.weight': undefined } })).toThrow(/hub: weight 'model.norm.weight' is missing/);
     expect(() => rawCreate({ hub: { ...h, 'model.norm.weight': undefined } })).toThrow(/hub: weight 'model.norm.weight' is missing/);
     expect(() => create({ hub: { ...h, 'model.layers.9.x': new Float32Array(1) } })).toThrow(/hub has 'model.layers.9.x', not a tensor/);
+    // a mapped weight whose file is a look-alike object, not a NativeMappedFile: the TS check lets it
+    // through (it has a byteLength), the binding refuses it by its missing type tag
     const mapped = { ...h, 'model.norm.weight': { file: { byteLength: 100 }, offset: 0, dtype: 'f32', length: D } };
-    expect(() => create({ hub: mapped })).toThrow(UnsupportedFeatureError);
-    expect(() => rawCreate({ hub: mapped })).toThrow(UnsupportedFeatureError);
+    expect(() => create({ hub: mapped })).toThrow(ArgumentError);
+    expect(() => create({ hub: mapped })).toThrow(/hub\['model.norm.weight'\].file must be a NativeMappedFile/);
+    expect(() => rawCreate({ hub: mapped })).toThrow(ArgumentError);
+    const notFile = { ...h, 'model.norm.weight': { file: {}, offset: 0, dtype: 'f32', length: D } };
+    expect(() => create({ hub: notFile })).toThrow(/file must be a NativeMappedFile/);
   });
 
   it('bad calls: lengths, token ids (named), frozen training, slots, capacity, dispose', async () => {
