@@ -20,6 +20,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 from llama import Llama, LlamaConfig, KVCache, load_golden_weights  # noqa: E402
 from stitch_bench import Stitch, Stitched  # noqa: E402
 

@@ -8,8 +8,9 @@
 Prints one JSON object (one line with --json): impl, torch, mode, config, threads, tokens_per_s,
 seconds_per_step (median over the S timed steps), steps, flops_per_token, gflops, settings (what the
 process really had: allocator, OMP wait policy, thread pools), plus per mode:
-- train_fp32: one step = forward of [B, T], mean next-token cross-entropy, backward, AdamW step,
-  zero_grad(set_to_none). tokens/s = B*T / step. `losses` (every step, warmup included) and `loss`
+- train_fp32: one step = forward of [B, T], mean next-token cross-entropy, backward, gradients
+  clipped to global norm --clip (default 1, as the engine's trainer), AdamW step,
+  zero_grad(set_to_none). tokens/s = B*T / step. `losses` (every step, warm-up included) and `loss`
   (after the last one). The same fixed batch every step, so the loss falls (a sanity check).
 - train_bf16: the same under torch.autocast('cpu', dtype=torch.bfloat16): fp32 master weights, fp32
   AdamW, matmuls in bf16, logits upcast to fp32 for the loss. PyTorch's own CPU mixed precision.
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 import llama  # noqa: E402
 from llama import CONFIGS, KVCache, Llama, param_counts  # noqa: E402
 from common import (decode_flops, emit, make_result, prefill_flops, setup_threads,  # noqa: E402
@@ -52,7 +54,8 @@ def make_optimizer(params, lr):
 def bench_train(c, args, bf16):
     model = Llama(c, max_pos=c.T).init_random(args.seed)
     model.train()
-    opt = make_optimizer(model.parameters(), args.lr)
+    params = list(model.parameters())
+    opt = make_optimizer(params, args.lr)
     g = torch.Generator().manual_seed(args.seed + 1)
     tokens = torch.randint(0, c.V, (c.B, c.T + 1), generator=g)
     ids, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()   # [B, T] each
@@ -63,12 +66,15 @@ def bench_train(c, args, bf16):
             logits = model(ids)                                              # [B, T, V]
         loss = F.cross_entropy(logits.float().view(-1, c.V), targets.view(-1))
         loss.backward()
+        if args.clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
 
     secs = time_steps(step, args.warmup, args.steps)
-    extra = {'optimizer': 'AdamW(lr=%g, betas=(0.9,0.95), eps=1e-8, wd=0.1, foreach=True)' % args.lr,
+    extra = {'optimizer': 'AdamW(lr=%g, betas=(0.9,0.95), eps=1e-8, wd=0.1, foreach=True), clip %g'
+                          % (args.lr, args.clip),
              'precision': 'autocast bf16 (fp32 master weights, fp32 AdamW)' if bf16 else 'fp32'}
     return make_result(args.mode, c.name, args.threads, c.B * c.T, secs, train_flops(c), extra,
                        loss=losses[-1] if losses else None, losses=losses, batch=c.B, seq=c.T,
@@ -138,6 +144,7 @@ def main(argv=None):
     ap.add_argument('--steps', type=int, help='timed steps (train 5, prefill 5, decode 3; tiny 1)')
     ap.add_argument('--warmup', type=int, help='untimed steps first (train 2, prefill 1, decode 1)')
     ap.add_argument('--lr', type=float, default=1e-3)
+    ap.add_argument('--clip', type=float, default=1.0, help='max global grad norm before AdamW (0: off)')
     ap.add_argument('--prompt', type=int, default=16, help='decode: prompt tokens (P)')
     ap.add_argument('--new', type=int, default=128, help='decode: timed single-token steps')
     ap.add_argument('--seed', type=int, default=0)

@@ -21,8 +21,9 @@ Modes (the JSON line of llama_bench.py, tokens counted once per position, not on
   run under torch.no_grad for all models; from the first stitch on, autograd goes through the frozen
   blocks (input gradients only: no weight requires grad, and streams that do not depend on a stitch,
   e.g. the hub between an H->E and the next E->H, build no graph at all); loss = mean next-token
-  cross-entropy of the hub's LM head; AdamW (lr 1e-3, betas (0.9, 0.95), wd 0.1, foreach) on the
-  stitch parameters only; zero_grad(set_to_none). fp32.
+  cross-entropy of the hub's LM head; gradients clipped to global norm --clip (default 1); AdamW
+  (lr 1e-3, betas (0.9, 0.95), wd 0.1, foreach) on the stitch parameters only; zero_grad(set_to_none).
+  fp32.
 - stitch_decode: batch 1, each model its own preallocated KV cache; a P-token prompt (untimed), then S
   greedy steps from the hub's logits, every model fed the same token. tokens/s = S / decode time.
 The models run one after another inside each block (the way one writes it in PyTorch); PyTorch has
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 import llama  # noqa: E402
 from llama import CONFIGS, KVCache, Llama, linear, param_counts  # noqa: E402
 from common import (emit, make_result, setup_threads, stitch_decode_flops,  # noqa: E402
@@ -136,7 +138,8 @@ class Stitched(torch.nn.Module):
 
 
 def bench_train(c, args, net):
-    opt = torch.optim.AdamW(net.stitches.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+    params = list(net.stitches.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                             weight_decay=0.1, foreach=True)
     g = torch.Generator().manual_seed(args.seed + 1)
     tokens = torch.randint(0, c.V, (c.B, c.T + 1), generator=g)
@@ -146,6 +149,8 @@ def bench_train(c, args, net):
     def step():
         loss = net.train_loss(ids, targets)
         loss.backward()
+        if args.clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -187,8 +192,8 @@ def bench_decode(c, args, net):
 
 
 def base_extra(args):
-    return {'optimizer': 'AdamW(lr=%g, betas=(0.9,0.95), eps=1e-8, wd=0.1, foreach=True), stitch params only'
-            % args.lr, 'precision': 'fp32', 'models': 'sequential per block'}
+    return {'optimizer': 'AdamW(lr=%g, betas=(0.9,0.95), eps=1e-8, wd=0.1, foreach=True), clip %g, stitch params only'
+            % (args.lr, args.clip), 'precision': 'fp32', 'models': 'sequential per block'}
 
 
 def shape_fields(c, net):
@@ -208,6 +213,7 @@ def main(argv=None):
     ap.add_argument('--steps', type=int, help='timed steps (train 5, decode 3; tiny 1)')
     ap.add_argument('--warmup', type=int, help='untimed steps first (train 2, decode 1)')
     ap.add_argument('--lr', type=float, default=1e-3)
+    ap.add_argument('--clip', type=float, default=1.0, help='max global grad norm before AdamW (0: off)')
     ap.add_argument('--prompt', type=int, default=16, help='decode: prompt tokens (P)')
     ap.add_argument('--new', type=int, default=128, help='decode: timed single-token steps')
     ap.add_argument('--seed', type=int, default=0)

@@ -315,12 +315,12 @@ export async function gateMap(model: StitchedModel, text: string, maxTokens = 12
   const vals: number[][] = [];
   model.placement.forEach((s, k) => {
     for (let m = s.type === 'eh' ? 0 : 1; m < M; m++) {
-      rows.push(`stitch ${k} (${s.type === 'eh' ? 'E->H' : 'H->E'}, after block ${s.afterBlock}): ${names[m]}`);
+      rows.push(`#${k} ${s.type === 'eh' ? 'E->H' : 'H->E'} ${names[m]}`);
       vals.push(Array.from({ length: T }, (_, t) => g[(k * T + t) * M + m]));
     }
   });
   const pieces = Array.from(ids, (id) => new TextDecoder('utf-8', { fatal: false }).decode(tok.tokenBytes(id)));
-  const svg = heatmap({ title: 'Stitch gates per token: how much each stitch draws on each model', rows, columns: pieces, values: vals, caption: 'E->H rows: softmax weight of each model in the hub (mean over hidden dims). H->E rows: sigmoid gate of the hub into each expert.' });
+  const svg = heatmap({ title: 'Stitch gates per token: how much each stitch draws on each model', rows, columns: pieces, values: vals, caption: `Rows: stitch #k (${model.placement.map((p, k) => `#${k} after block ${p.afterBlock}`).join(', ')}), type, model. E->H: softmax weight of each model in the hub (mean over hidden dims). H->E: sigmoid gate of the hub into each expert.` });
   const table = [['token', ...rows.map((_, i) => `r${i}`)].join('\t'), ...pieces.map((p, t) => [JSON.stringify(p), ...vals.map((r) => r[t].toFixed(3))].join('\t'))].join('\n');
   return { svg, table, values: g, tokens: pieces };
 }
