@@ -83,7 +83,7 @@ export const SCALES: Record<string, PipelineScale> = {
    * tens of millions of tokens, and every ablation of the table.
    */
   reproduce: { name: 'reproduce', model: { D: 256, L: 6, H: 8, Hkv: 4, F: 688 }, vocabSize: 8192, tokenizerMb: 20, seqLen: 256, batchSize: 16, seedSteps: 6000, expertSteps: 1500, stitchSteps: 1200, K: 2, lr: 1e-3, stitchLr: 1e-3, evalTokens: 200000, mathProblems: 200, mathMaxTokens: 128, corpusPreset: 'full', variants: true },
-  demo: { name: 'demo', model: { D: 128, L: 4, H: 4, Hkv: 2, F: 352 }, vocabSize: 2048, tokenizerMb: 4, seqLen: 128, batchSize: 16, seedSteps: 450, expertSteps: 200, stitchSteps: 180, K: 2, lr: 2e-3, stitchLr: 2e-3, evalTokens: 20000, mathProblems: 24, mathMaxTokens: 64, corpusPreset: 'default' },
+  demo: { name: 'demo', model: { D: 128, L: 4, H: 4, Hkv: 2, F: 352 }, vocabSize: 2048, tokenizerMb: 4, seqLen: 128, batchSize: 16, seedSteps: 1000, expertSteps: 400, stitchSteps: 500, K: 2, lr: 2e-3, stitchLr: 2e-3, evalTokens: 20000, mathProblems: 24, mathMaxTokens: 64, corpusPreset: 'default' },
 };
 
 /** Options of {@link runPipeline}. */
