@@ -3,12 +3,12 @@
  * (pre-norm RMSNorm, RoPE, SwiGLU, untied head unless noted) parsed through parseLlamaConfig, so it
  * is exactly what a config.json with these fields gives.
  *
- * | name  | D   | L | H | Hkv | F    | params (V=4096) | use                                   |
- * |-------|-----|---|---|-----|------|-----------------|---------------------------------------|
- * | tiny  | 64  | 2 | 4 | 2   | 176  | ~0.6 M          | tests, CI, the quick demo              |
- * | small | 192 | 4 | 6 | 2   | 512  | ~3.8 M          | the default demo seed                  |
- * | a     | 256 | 6 | 8 | 8   | 688  | ~6.8 M          | benchmark config (a) of issue 3        |
- * | b     | 512 | 8 | 8 | 8   | 1376 | ~33 M (V=8192)  | benchmark config (b) of issue 3        |
+ * | name  | D   | L | H | Hkv | F    | use                                              |
+ * |-------|-----|---|---|-----|------|--------------------------------------------------|
+ * | tiny  | 64  | 2 | 4 | 2   | 176  | tests, CI                                        |
+ * | small | 192 | 4 | 6 | 2   | 512  | the default of `bts pretrain`                    |
+ * | a     | 256 | 6 | 8 | 8   | 688  | benchmark config (a) of issue 3 (6.8 M at V=4096) |
+ * | b     | 512 | 8 | 8 | 8   | 1376 | benchmark config (b) of issue 3 (34 M at V=8192)  |
  */
 import { ArgumentError } from '../errors.js';
 import { parseLlamaConfig, type LlamaConfig } from '../formats/hf-config.js';
