@@ -47,6 +47,17 @@ export function atLevel<T>(level: SimdLevel, fn: () => T): T {
   }
 }
 
+/** Async form of {@link atLevel}: runs `fn` at `level` and restores the best level when it settles. */
+export async function atLevelAsync<T>(level: SimdLevel, fn: () => Promise<T>): Promise<T> {
+  setSimdLevel(level);
+  try {
+    return await fn();
+  } finally {
+    const levels = simdLevels();
+    setSimdLevel(levels[levels.length - 1]);
+  }
+}
+
 /**
  * max |a-b| / max(max |b|, floor): error relative to the reference's scale. `floor` keeps outputs that
  * are ~0 by cancellation (e.g. RMSNorm's dx at D = 1) from turning rounding into a large ratio.

@@ -5,9 +5,9 @@
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { llamaTensorNames, loadLlamaConfig, openSafetensors, setSimdLevel, simdLevels, type SimdLevel } from '../../lib/index.js';
+import { llamaTensorNames, loadLlamaConfig, openSafetensors, type SimdLevel } from '../../lib/index.js';
 import { llamaCreate } from '../../lib/engine/native.js';
-import { fastLevels, relErr } from '../helpers.js';
+import { fastLevels, relErr, atLevelAsync } from '../helpers.js';
 import { counted, record, zeroGrads } from './helpers.js';
 
 const DATA = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'golden', 'data');
@@ -15,15 +15,7 @@ const VARIANTS = ['tiny-llama', 'tiny-llama3-rope'];
 const LEVELS: SimdLevel[] = [...fastLevels(), 'reference'];
 const TOL = { logits: 1e-5, loss: 1e-5, grad: 1e-4, decode: 1e-5 };
 
-async function atLevel<T>(level: SimdLevel, fn: () => Promise<T>): Promise<T> {
-  setSimdLevel(level);
-  try {
-    return await fn();
-  } finally {
-    const l = simdLevels();
-    setSimdLevel(l[l.length - 1]);
-  }
-}
+const atLevel = atLevelAsync;
 
 function load(variant: string) {
   const dir = path.join(DATA, variant);

@@ -4,9 +4,9 @@
 // gradient, KV-cached decode. Also the gradient contract: accumulation (+=), gradScale, ignored
 // targets, and partial gradients (frozen tensors and layers) giving the same values as full ones.
 import { describe, expect, it } from 'vitest';
-import { llamaTensorNames, setSimdLevel, simdLevels, type SimdLevel } from '../../lib/index.js';
+import { llamaTensorNames, type SimdLevel } from '../../lib/index.js';
 import { llamaCreate } from '../../lib/engine/native.js';
-import { fastLevels, randIds, relErr } from '../helpers.js';
+import { fastLevels, randIds, relErr, atLevelAsync } from '../helpers.js';
 import { decode as oracleDecode, trainStep } from '../golden/llama-ops.js';
 import { counted, nextTokenTargets, oracleModel, randomTensors, record, smallConfig, zeroGrads } from './helpers.js';
 
@@ -17,15 +17,7 @@ const TOL = { logits: 1e-5, loss: 1e-5, grad: 5e-5, decode: 1e-5 };
 const B = 2;
 const T = 13;
 
-async function atLevel<T>(level: SimdLevel, fn: () => Promise<T>): Promise<T> {
-  setSimdLevel(level);
-  try {
-    return await fn();
-  } finally {
-    const l = simdLevels();
-    setSimdLevel(l[l.length - 1]);
-  }
-}
+const atLevel = atLevelAsync;
 
 for (const tie of [false, true]) {
   describe(`engine vs oracle, odd sizes, ${tie ? 'tied' : 'untied'} embeddings`, () => {

@@ -8,10 +8,10 @@
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { openSafetensors, setSimdLevel, simdLevels, type SimdLevel } from '../../lib/index.js';
+import { openSafetensors, type SimdLevel } from '../../lib/index.js';
 import { stitchPlacement, type StitchSpec } from '../../lib/stitch/layout.js';
 import { loadStitched, stitchedStep, type StitchedModel } from '../golden/stitch-ops.js';
-import { fastLevels, randn, relErr, rng } from '../helpers.js';
+import { atLevelAsync, fastLevels, randn, relErr, rng } from '../helpers.js';
 import { batch, config, nativeOf, randomModel, randomStitches } from './stitched-util.js';
 
 const DATA = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'golden', 'data');
@@ -22,15 +22,6 @@ const LEVELS: SimdLevel[] = [...fastLevels(), 'reference'];
 // oracle (same ops, different buffers and GEMM fusions) a little looser for the odd sizes.
 const TOL = { logits: 1e-5, loss: 1e-5, grad: 1e-4 };
 
-async function atLevelAsync<T>(level: SimdLevel, fn: () => Promise<T>): Promise<T> {
-  setSimdLevel(level);
-  try {
-    return await fn();
-  } finally {
-    const l = simdLevels();
-    setSimdLevel(l[l.length - 1]);
-  }
-}
 
 /** logits, mean loss and gradients of the mean loss from the native model. */
 async function nativeStep(m: StitchedModel, ids: Int32Array, targets: Int32Array, B: number, T: number, gateDropout = 0, seed = 0) {

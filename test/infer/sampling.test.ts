@@ -3,17 +3,8 @@
 import { describe, expect, it } from 'vitest';
 import { ArgumentError, DTypeError, ShapeError, TokenRangeError } from '../../lib/errors.js';
 import { Sampler, argmax, logSoftmax, type SamplingOptions } from '../../lib/infer/sampling.js';
+import { rng } from '../helpers.js';
 
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Random logits with a spread like a model's: N(0, scale^2)-ish via sum of uniforms. */
 function randomLogits(V: number, seed: number, scale = 3): Float32Array {
