@@ -544,11 +544,12 @@ Napi::Value call_decode(W* self, const Napi::CallbackInfo& info) {
 // ---------------------------------------------------------------------------------------------------
 // KV caches.
 
-// The JS face of a cache C (bts::engine::KvCache or StitchedCache: slots(), capacity(), length(slot),
-// reset(slot), truncate(slot, length), bytes()), as class `Traits::kClass` made by `Traits::kModel`'s
-// createCache. Traits::make(info, &owner) builds the cache from new Class(model, slots, capacity) and
-// sets the owning model's id. One prefill/decode at a time (busy); reset/truncate are refused while
-// one is pending; dispose() during a call frees the cache when it settles.
+// The JS face of a cache C (bts::engine::KvCache, StitchedCache or the CUDA engine's DeviceKvCache:
+// slots(), capacity(), length(slot), reset(slot), truncate(slot, length), bytes()), as class
+// `Traits::kClass` made by `Traits::kModel`'s createCache. Traits::make(info, &owner) builds the cache
+// from new Class(model, slots, capacity) and sets the owning model's id. One prefill/decode at a time
+// (busy); reset/truncate are refused while one is pending; dispose() during a call frees the cache when
+// it settles.
 template <class C, class Traits>
 class CacheWrap : public Napi::ObjectWrap<CacheWrap<C, Traits>> {
  public:

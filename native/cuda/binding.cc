@@ -10,6 +10,8 @@
 //   listOps() -> the registry's op specs that have a CUDA entry (the same names, tensors and scalars
 //                as the CPU addon's listOps(), which the tests check)
 //   callOp(name, tensors, scalars) / callOpAsync(...)  as the CPU addon's
+//   llamaCreate(config, weights, options)  the device-resident Llama engine (native/cuda/engine/,
+//                binding in engine/binding.cc; lib/engine/cuda-native.ts is its typed face)
 //
 // The op-level path: a call checks its arguments with the SAME code as the CPU addon (bts::check_call
 // and the parse_<op> functions of bts/op_args.h, run on the host call before anything is allocated),
@@ -53,6 +55,7 @@
 #include "bts/registry.h"
 #include "bts_cuda.h"
 #include "cuda_check.h"
+#include "engine/binding.h"
 
 namespace {
 
@@ -310,9 +313,19 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("listOps", Napi::Function::New(env, ListOps));
   exports.Set("callOp", Napi::Function::New(env, CallOp));
   exports.Set("callOpAsync", Napi::Function::New(env, CallOpAsync));
+  bts::cuda::register_llama(env, exports);  // llamaCreate: the device-resident engine (engine/binding.cc)
   return exports;
 }
 
 }  // namespace
+
+// The engine's models use the addon's device (engine/binding.h): selected here, under the same lock
+// and with the same BTS_CUDA_DEVICE parsing as the op path.
+int bts::cuda::addon_device() {
+  Backend& b = backend();
+  std::lock_guard<std::mutex> lock(b.mu);
+  select_device(b);
+  return b.device;
+}
 
 NODE_API_MODULE(bts_cuda, Init)

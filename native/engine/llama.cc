@@ -141,7 +141,7 @@ void bind_grad(ModelGrads& g, const TensorSpec& s, float* p) {
 // ---------------------------------------------------------------------------------------------------
 // KV cache.
 
-KvCache::KvCache(const LlamaConfig& c, int64_t slots, int64_t capacity)
+KvSlots::KvSlots(const LlamaConfig& c, int64_t slots, int64_t capacity)
     : L_(c.L), Hkv_(c.Hkv), Dh_(c.Dh), S_(slots), Tcap_(capacity) {
   if (slots < 1 || slots > (int64_t(1) << 20)) fail("E_ARGUMENT", "createCache: slots must be in 1..2^20, got " + S(slots));
   if (capacity < 1 || capacity > c.max_pos)
@@ -149,30 +149,33 @@ KvCache::KvCache(const LlamaConfig& c, int64_t slots, int64_t capacity)
   const int64_t KD = c.Hkv * c.Dh;
   const double total = double(slots) * double(capacity) * double(KD);
   if (total > double(int64_t(1) << 40)) fail("E_ARGUMENT", "createCache: slots * capacity * kvHeads * headDim is too large");
-  const int64_t per = slots * capacity * KD;
+  len_.reset(new std::atomic<int64_t>[size_t(slots)]);
+  for (int64_t s = 0; s < slots; s++) len_[size_t(s)].store(0);
+}
+
+KvCache::KvCache(const LlamaConfig& c, int64_t slots, int64_t capacity) : KvSlots(c, slots, capacity) {
+  const int64_t per = slots * capacity * c.Hkv * c.Dh;
   try {
     for (int64_t i = 0; i < c.L; i++) {
       k_.emplace_back(new float[size_t(per)]);
       v_.emplace_back(new float[size_t(per)]);
     }
-    len_.reset(new std::atomic<int64_t>[size_t(slots)]);
   } catch (const std::bad_alloc&) {
     fail("E_OUT_OF_MEMORY", "createCache: cannot allocate " + S(2 * c.L * per * int64_t(sizeof(float)) >> 20) + " MiB for " +
                                 S(slots) + " slots of capacity " + S(capacity));
   }
-  for (int64_t s = 0; s < slots; s++) len_[size_t(s)].store(0);
 }
 
-void KvCache::check_slot(int64_t slot, const char* what) const {
+void KvSlots::check_slot(int64_t slot, const char* what) const {
   if (slot < 0 || slot >= S_) fail("E_ARGUMENT", std::string(what) + ": slot " + S(slot) + " is out of range [0, " + S(S_) + ")");
 }
 
-int64_t KvCache::length(int64_t slot) const {
+int64_t KvSlots::length(int64_t slot) const {
   check_slot(slot, "cache.length");
   return len_[size_t(slot)].load(std::memory_order_relaxed);
 }
 
-void KvCache::truncate(int64_t slot, int64_t length) {
+void KvSlots::truncate(int64_t slot, int64_t length) {
   check_slot(slot, "cache.truncate");
   const int64_t cur = len_[size_t(slot)].load(std::memory_order_relaxed);
   if (length < 0 || length > cur)
@@ -180,7 +183,7 @@ void KvCache::truncate(int64_t slot, int64_t length) {
   len_[size_t(slot)].store(length, std::memory_order_relaxed);
 }
 
-void KvCache::set_length(int64_t slot, int64_t length) { len_[size_t(slot)].store(length, std::memory_order_relaxed); }
+void KvSlots::set_length(int64_t slot, int64_t length) { len_[size_t(slot)].store(length, std::memory_order_relaxed); }
 
 size_t KvCache::bytes() const { return size_t(2 * L_) * size_t(S_ * Tcap_ * Hkv_ * Dh_) * sizeof(float); }
 
@@ -365,7 +368,7 @@ void final_logits(const LlamaConfig& c, const float* norm, const Weight& head, c
   linear_fwd(head, xf, rows, c.D, c.V, out, 0.f);
 }
 
-DecodeSegment prefill_segment(const char* op, const KvCache& kv, int64_t slot, int64_t T) {
+DecodeSegment prefill_segment(const char* op, const KvSlots& kv, int64_t slot, int64_t T) {
   if (slot < 0 || slot >= kv.slots())
     fail("E_ARGUMENT", std::string(op) + ": slot " + S(slot) + " is out of range [0, " + S(kv.slots()) + ")");
   if (T < 1 || T > kMaxRows) fail("E_ARGUMENT", std::string(op) + ": tokens must hold 1.." + S(kMaxRows) + " ids, got " + S(T));
@@ -378,7 +381,7 @@ DecodeSegment prefill_segment(const char* op, const KvCache& kv, int64_t slot, i
   return sg;
 }
 
-void decode_segments(const char* op, const KvCache& kv, const int32_t* slots, int64_t R, std::vector<DecodeSegment>& segs) {
+void decode_segments(const char* op, const KvSlots& kv, const int32_t* slots, int64_t R, std::vector<DecodeSegment>& segs) {
   if (R < 1 || R > kv.slots())
     fail("E_ARGUMENT", std::string(op) + ": rows (slots.length) must be in 1..cache slots (" + S(kv.slots()) + "), got " + S(R));
   segs.resize(size_t(R));

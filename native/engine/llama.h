@@ -36,11 +36,12 @@
 //   6 layers; with the residual stream (29 MB), the scratch (63 MB) and the final-norm / loss buffers
 //   the engine holds about 360 MB (LlamaModel::workspace_bytes()).
 //
-// Known limits: CPU only; RoPE scaling "llama3" or none (the binding refuses others); attention
-// scale 1/sqrt(Dh); no dropout; decode attention runs per slot (slots of different lengths). The
-// borrowed arrays must keep their size and place (a JS ArrayBuffer must not be detached or shrunk
-// while a model uses it). Batch-1 decode of a small model is bound by reading every fp32 weight once
-// per token (config (a): 23 MB), so it runs at the speed the caches / DRAM deliver them.
+// Known limits: CPU only (native/cuda/engine/ is the CUDA engine; it reuses the config, tensor table,
+// pointer structs, checks and KvSlots of this file); RoPE scaling "llama3" or none (the binding
+// refuses others); attention scale 1/sqrt(Dh); no dropout; decode attention runs per slot (slots of
+// different lengths). The borrowed arrays must keep their size and place (a JS ArrayBuffer must not be
+// detached or shrunk while a model uses it). Batch-1 decode of a small model is bound by reading every
+// fp32 weight once per token (config (a): 23 MB), so it runs at the speed the caches / DRAM deliver them.
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -219,28 +220,38 @@ void bind_weight(ModelWeights& m, const TensorSpec& s, Weight w);
 void bind_grad(ModelGrads& g, const TensorSpec& s, float* p);
 
 // ---------------------------------------------------------------------------------------------------
-// KV cache: per layer K and V [S, Tcap, Hkv, Dh] fp32 and a length per slot. Keys are stored after
-// RoPE. Lengths are atomics so that length() may be read while a call runs (it then sees the value
-// before or after the call).
-class KvCache {
+// KV cache bookkeeping, backend-neutral: the slots, the capacity and a length per slot (what the
+// prefill / decode checks read), with the argument checks of createCache. The CPU cache below and the
+// CUDA engine's device cache (native/cuda/engine) derive from it. Lengths are atomics so that length()
+// may be read while a call runs (it then sees the value before or after the call).
+class KvSlots {
  public:
-  KvCache(const LlamaConfig& c, int64_t slots, int64_t capacity);  // E_ARGUMENT / E_OUT_OF_MEMORY
+  KvSlots(const LlamaConfig& c, int64_t slots, int64_t capacity);  // E_ARGUMENT
   int64_t slots() const { return S_; }
   int64_t capacity() const { return Tcap_; }
   int64_t length(int64_t slot) const;             // E_ARGUMENT for a bad slot
   void reset(int64_t slot) { truncate(slot, 0); }
   void truncate(int64_t slot, int64_t length);    // 0 <= length <= length(slot)
   void set_length(int64_t slot, int64_t length);  // engine use
+  bool compatible(const LlamaConfig& c) const { return c.L == L_ && c.Hkv == Hkv_ && c.Dh == Dh_; }
+
+ protected:
+  void check_slot(int64_t slot, const char* what) const;
+  int64_t L_, Hkv_, Dh_, S_, Tcap_;
+  std::unique_ptr<std::atomic<int64_t>[]> len_;
+};
+
+// KV cache: per layer K and V [S, Tcap, Hkv, Dh] fp32 in host memory and a length per slot. Keys are
+// stored after RoPE.
+class KvCache : public KvSlots {
+ public:
+  KvCache(const LlamaConfig& c, int64_t slots, int64_t capacity);  // E_ARGUMENT / E_OUT_OF_MEMORY
   float* k(int64_t layer) { return k_[size_t(layer)].get(); }
   float* v(int64_t layer) { return v_[size_t(layer)].get(); }
-  bool compatible(const LlamaConfig& c) const { return c.L == L_ && c.Hkv == Hkv_ && c.Dh == Dh_; }
   size_t bytes() const;
 
  private:
-  void check_slot(int64_t slot, const char* what) const;
-  int64_t L_, Hkv_, Dh_, S_, Tcap_;
   std::vector<std::unique_ptr<float[]>> k_, v_;
-  std::unique_ptr<std::atomic<int64_t>[]> len_;
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -345,9 +356,9 @@ void final_logits(const LlamaConfig& c, const float* norm, const Weight& head, c
 
 // Checks a prefill of T tokens into `slot` of a cache with kv's slots, capacity and lengths; returns
 // its segment (rows 0..T-1 at positions length..).
-DecodeSegment prefill_segment(const char* op, const KvCache& kv, int64_t slot, int64_t T);
+DecodeSegment prefill_segment(const char* op, const KvSlots& kv, int64_t slot, int64_t T);
 // Checks a decode of R rows into slots [R] (distinct, in range, not full); segs = one row each.
-void decode_segments(const char* op, const KvCache& kv, const int32_t* slots, int64_t R, std::vector<DecodeSegment>& segs);
+void decode_segments(const char* op, const KvSlots& kv, const int32_t* slots, int64_t R, std::vector<DecodeSegment>& segs);
 
 }  // namespace engine
 }  // namespace bts

@@ -269,9 +269,9 @@ describe('the CUDA addon built by CMake (bts_cuda.node)', () => {
     return JSON.parse(r.stdout) as { keys: string[]; probe: Record<string, unknown>; ops: unknown };
   };
 
-  it('loads without a GPU and exports probe, listOps, callOp, callOpAsync', () => {
+  it('loads without a GPU and exports probe, listOps, callOp, callOpAsync, llamaCreate', () => {
     const { keys, probe } = probeChild();
-    expect(keys.sort()).toEqual(['callOp', 'callOpAsync', 'listOps', 'probe']);
+    expect(keys.sort()).toEqual(['callOp', 'callOpAsync', 'listOps', 'llamaCreate', 'probe']);
     expect(probe.emulated).toBe(false);
     expect(probe.runtimeVersion as number).toBeGreaterThanOrEqual(12000);
     if (!hasLibcuda) {
