@@ -107,7 +107,8 @@ const DEVICES: readonly Device[] = ['cpu', 'cuda', 'auto'];
 const DEFAULT_PROBE_TIMEOUT_MS = 30_000;
 
 /** Checks a device value (`what` names it in the message). */
-function checkDevice(d: unknown, what: string): Device {
+/** Validates a device name (`what` names the argument in the ArgumentError). */
+export function checkDevice(d: unknown, what: string): Device {
   if (typeof d === 'string' && (DEVICES as readonly string[]).includes(d)) return d as Device;
   throw new ArgumentError(`${what} must be 'cpu', 'cuda' or 'auto', got ${typeof d === 'string' ? `'${d}'` : String(d)}`);
 }

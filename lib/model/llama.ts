@@ -18,10 +18,22 @@
  * The native handle is created lazily and recreated when the set of arrays it computes with changes
  * (precision switch). Every long call is async (AsyncWorker in the binding); the compute pool runs one
  * native call at a time, so concurrent calls queue rather than fight for the cores.
+ *
+ * Device (`device: 'cpu' | 'cuda' | 'auto'`, default the process default of lib/device.ts, itself
+ * 'cpu' unless `BTS_DEVICE` says otherwise; {@link LlamaModel.setDevice}): on 'cuda' the engine is the
+ * device-resident CUDA engine (lib/engine/cuda-native.ts). The host arrays stay the master copy: the
+ * device holds a copy of the weights (uploaded at engine creation and again before the next call after
+ * {@link LlamaModel.syncPrecisionCopies}, which the trainer calls after every optimizer step) and the
+ * gradient sum (zeroed by {@link LlamaModel.zeroGrad}, copied into {@link LlamaModel.grads} after every
+ * forwardBackward, so the host-side AdamW of the trainer drives it unchanged). CUDA limits: fp32 compute
+ * only (bf16 mixed precision is refused; bf16 or mapped frozen weights are widened to fp32 on upload),
+ * and verified only under the SIMT emulator so far (docs/CUDA.md).
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { ArgumentError, DisposedError, FormatError, ShapeError, TokenRangeError } from '../errors.js';
+import { ArgumentError, DisposedError, FormatError, ShapeError, TokenRangeError, UnsupportedFeatureError } from '../errors.js';
+import { checkDevice, resolveDevice, type Device } from '../device.js';
+import { cudaLlamaCreate, type CudaLlama } from '../engine/cuda-native.js';
 import { loadLlamaConfig, llamaTensorNames, writeLlamaConfig, type LlamaConfig } from '../formats/hf-config.js';
 import {
   bf16ToF32,
@@ -50,6 +62,8 @@ export interface LoadModelOptions {
   mmap?: boolean;
   /** Load `tokenizer.json` from the directory when present. Default true. */
   tokenizer?: boolean;
+  /** Where the engine runs (see the file comment). Default: the process default (`BTS_DEVICE`, else 'cpu'). */
+  device?: Device;
 }
 
 /** Options of {@link LlamaModel.random}. */
@@ -60,6 +74,8 @@ export interface RandomInitOptions {
   initStd?: number;
   /** Tokenizer to attach (saved with the model). */
   tokenizer?: BpeTokenizer | null;
+  /** Where the engine runs (see the file comment). Default: the process default (`BTS_DEVICE`, else 'cpu'). */
+  device?: Device;
 }
 
 /** Options of {@link LlamaModel.save}. */
@@ -109,6 +125,12 @@ export class LlamaModel implements Disposable, CausalDecoder {
   private precision: 'f32' | 'bf16' = 'f32';
   private bf16Copies: Map<string, Uint16Array> | null = null;
   private disposed = false;
+  /** The device asked for (undefined: the process default), resolved on first use. */
+  private deviceChoice: Device | undefined = undefined;
+  private resolvedDevice: 'cpu' | 'cuda' | null = null;
+  /** CUDA engine: the host weights changed since the last upload / the device gradients must be zeroed. */
+  private cudaWeightsStale = false;
+  private cudaGradsStale = false;
 
   private constructor(config: LlamaConfig, tokenizer: BpeTokenizer | null, layout: ParamLayout | null, params: Float32Array | null, held: Map<string, Held>, files: NativeMappedFile[]) {
     this.config = config;
@@ -154,7 +176,9 @@ export class LlamaModel implements Disposable, CausalDecoder {
       if (s.decay) rng.fillNormal(v, std);
       else v.fill(1);
     }
-    return LlamaModel.fromParams(config, params, options.tokenizer ?? null);
+    const model = LlamaModel.fromParams(config, params, options.tokenizer ?? null);
+    if (options.device !== undefined) model.setDevice(options.device);
+    return model;
   }
 
   /** A trainable model over the given flat fp32 weights (layout of {@link llamaLayout}; not copied). */
@@ -186,6 +210,7 @@ export class LlamaModel implements Disposable, CausalDecoder {
         for (const s of layout.slots) params.set(st.getF32(s.name), s.offset);
         const model = LlamaModel.fromParams(config, params, tokenizer);
         model.sourceDir = path.resolve(dir);
+        if (options.device !== undefined) model.setDevice(options.device);
         return model;
       }
       const mmap = options.mmap ?? true;
@@ -215,6 +240,7 @@ export class LlamaModel implements Disposable, CausalDecoder {
       }
       const model = new LlamaModel(config, tokenizer, null, null, held, [...files.values()]);
       model.sourceDir = path.resolve(dir);
+      if (options.device !== undefined) model.setDevice(options.device);
       return model;
     } finally {
       st.close();
@@ -268,7 +294,31 @@ export class LlamaModel implements Disposable, CausalDecoder {
     const layout = llamaLayout(this.config);
     const params = new Float32Array(layout.size);
     for (const s of layout.slots) params.set(this.tensorF32(s.name), s.offset);
-    return LlamaModel.fromParams(this.config, params, this.tokenizer);
+    const copy = LlamaModel.fromParams(this.config, params, this.tokenizer);
+    copy.deviceChoice = this.deviceChoice;
+    return copy;
+  }
+
+  /**
+   * Where the engine runs: 'cpu' or 'cuda' (resolving the choice on first use; 'auto' without a usable
+   * GPU resolves to 'cpu', saying why once on stderr; 'cuda' without one throws DeviceUnavailableError).
+   */
+  get device(): 'cpu' | 'cuda' {
+    this.checkAlive();
+    this.resolvedDevice ??= resolveDevice(this.deviceChoice);
+    return this.resolvedDevice;
+  }
+
+  /**
+   * Moves the engine to another device (the next call creates it there; nothing is lost: the host
+   * arrays are the master copy). Caches made on the old engine are invalid afterwards.
+   */
+  setDevice(device: Device): void {
+    this.checkAlive();
+    checkDevice(device, 'setDevice: device');
+    this.dropHandle();
+    this.deviceChoice = device;
+    this.resolvedDevice = null;
   }
 
   /**
@@ -280,6 +330,7 @@ export class LlamaModel implements Disposable, CausalDecoder {
     if (precision !== 'f32' && precision !== 'bf16') throw new ArgumentError(`setPrecision: expected 'f32' or 'bf16', got '${precision}'`);
     if (!this.trainable) throw new ArgumentError('setPrecision applies to trainable models (frozen ones choose dtype at load)');
     if (precision === this.precision) return;
+    if (precision === 'bf16' && this.device === 'cuda') throw new UnsupportedFeatureError("setPrecision('bf16'): bf16 mixed precision runs on the CPU engine only for now (the CUDA engine computes in fp32)");
     this.precision = precision;
     this.bf16Copies = precision === 'bf16' ? new Map() : null;
     if (this.bf16Copies) {
@@ -294,8 +345,13 @@ export class LlamaModel implements Disposable, CausalDecoder {
     return this.precision;
   }
 
-  /** Refreshes the bf16 copies from the fp32 masters (after an optimizer step). No-op in fp32. */
+  /**
+   * Call after changing {@link params} in place (the trainer does, after every optimizer step):
+   * refreshes the bf16 copies of mixed precision, and on CUDA marks the device copy of the weights for
+   * upload before the next engine call.
+   */
   syncPrecisionCopies(): void {
+    if (this.handle && this.resolvedDevice === 'cuda') this.cudaWeightsStale = true;
     if (!this.bf16Copies) return;
     const views = viewsOf(this.layout!, this.params!);
     for (const [name, copy] of this.bf16Copies) f32ToBf16(views[name], copy);
@@ -306,6 +362,7 @@ export class LlamaModel implements Disposable, CausalDecoder {
     this.checkAlive();
     if (!this.grads) throw new ArgumentError('zeroGrad: the model is frozen (no gradients)');
     this.grads.fill(0);
+    if (this.handle && this.resolvedDevice === 'cuda') this.cudaGradsStale = true;
   }
 
   /**
@@ -330,10 +387,21 @@ export class LlamaModel implements Disposable, CausalDecoder {
     return weights;
   }
 
-  /** The native engine handle (created on first use). */
+  /** The native engine handle (created on first use, on {@link device}). */
   engine(): NativeLlama {
     this.checkAlive();
     if (this.handle) return this.handle;
+    if (this.device === 'cuda') {
+      if (this.precision === 'bf16') throw new UnsupportedFeatureError('LlamaModel: bf16 mixed precision runs on the CPU engine only for now');
+      // The device gradients start at zero; host gradients that are not would be silently lost.
+      if (this.grads && this.grads.some((g) => g !== 0)) throw new UnsupportedFeatureError('LlamaModel: the CUDA engine starts from zero gradients but grads holds non-zero values; call zeroGrad() first');
+      const weights: Record<string, Float32Array> = {};
+      for (const name of this.held.keys()) weights[name] = this.tensorF32(name);
+      this.handle = cudaLlamaCreate(this.config, weights, { grads: this.grads !== null });
+      this.cudaWeightsStale = false;
+      this.cudaGradsStale = false;
+      return this.handle;
+    }
     const weights = this.nativeWeights();
     const grads = this.grads && this.layout ? viewsOf(this.layout, this.grads) : null;
     this.handle = llamaCreate(this.config, weights, grads);
@@ -349,14 +417,35 @@ export class LlamaModel implements Disposable, CausalDecoder {
     if (!this.grads) throw new ArgumentError('forwardBackward: the model is frozen (load it with trainable: true)');
     this.checkBatch(inputs, targets, B, T);
     if (!Number.isFinite(gradScale)) throw new ArgumentError(`forwardBackward: gradScale must be finite, got ${gradScale}`);
-    return this.engine().forwardBackward(inputs, targets, B, T, gradScale);
+    const engine = await this.ready();
+    const r = await engine.forwardBackward(inputs, targets, B, T, gradScale);
+    if (this.resolvedDevice === 'cuda') await (engine as CudaLlama).downloadGrads(viewsOf(this.layout!, this.grads));
+    return r;
+  }
+
+  /** The engine, with the CUDA copy of the weights and gradients brought up to date. */
+  private async ready(): Promise<NativeLlama> {
+    const engine = this.engine();
+    if (this.resolvedDevice !== 'cuda') return engine;
+    const cuda = engine as CudaLlama;
+    if (this.cudaWeightsStale) {
+      const weights: Record<string, Float32Array> = {};
+      for (const name of this.held.keys()) weights[name] = this.tensorF32(name);
+      await cuda.uploadWeights(weights);
+      this.cudaWeightsStale = false;
+    }
+    if (this.cudaGradsStale) {
+      await cuda.zeroGrads();
+      this.cudaGradsStale = false;
+    }
+    return cuda;
   }
 
   /** Forward only: the summed next-token loss of a batch (and optionally per-position losses). */
   async loss(inputs: Int32Array, targets: Int32Array, B: number, T: number, losses: Float32Array | null = null): Promise<LossSum> {
     this.checkBatch(inputs, targets, B, T);
     if (losses && losses.length !== B * T) throw new ShapeError(`loss: losses has ${losses.length} elements, expected B*T = ${B * T}`);
-    return this.engine().loss(inputs, targets, B, T, losses);
+    return (await this.ready()).loss(inputs, targets, B, T, losses);
   }
 
   /** Logits of every position, [B*T, V] (full forward, no cache). */
@@ -364,7 +453,7 @@ export class LlamaModel implements Disposable, CausalDecoder {
     this.checkShape('tokens', tokens, B, T);
     checkTokens('tokens', tokens, this.config.vocabSize);
     const out = new Float32Array(B * T * this.config.vocabSize);
-    await this.engine().logits(tokens, B, T, out);
+    await (await this.ready()).logits(tokens, B, T, out);
     return out;
   }
 
@@ -398,7 +487,7 @@ export class LlamaModel implements Disposable, CausalDecoder {
   async prefill(cache: DecoderCache, slot: number, tokens: Int32Array, out: Float32Array): Promise<void> {
     checkTokens('tokens', tokens, this.config.vocabSize);
     if (out.length < this.config.vocabSize) throw new ShapeError(`prefill: out has ${out.length} elements, expected V = ${this.config.vocabSize}`);
-    await this.engine().prefill(cache as NativeKvCache, slot, tokens, out);
+    await (await this.ready()).prefill(cache as NativeKvCache, slot, tokens, out);
   }
 
   /** Appends tokens[i] to slot slots[i] for every i; writes logits [S, V]. */
@@ -406,7 +495,7 @@ export class LlamaModel implements Disposable, CausalDecoder {
     checkTokens('tokens', tokens, this.config.vocabSize);
     if (slots.length !== tokens.length) throw new ShapeError(`decode: ${slots.length} slots but ${tokens.length} tokens`);
     if (out.length < tokens.length * this.config.vocabSize) throw new ShapeError(`decode: out has ${out.length} elements, expected S*V = ${tokens.length * this.config.vocabSize}`);
-    await this.engine().decode(cache as NativeKvCache, slots, tokens, out);
+    await (await this.ready()).decode(cache as NativeKvCache, slots, tokens, out);
   }
 
   /** Releases the native handle and mapped files. Idempotent. */
