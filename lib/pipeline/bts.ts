@@ -82,7 +82,7 @@ export interface PipelineScale {
 
 /** Built-in scales: `toy` (CI, seconds), `demo` (the README's first command, <= 15 min on 2 cores). */
 export const SCALES: Record<string, PipelineScale> = {
-  toy: { name: 'toy', model: { D: 32, L: 2, H: 2, Hkv: 1, F: 64 }, vocabSize: 384, tokenizerMb: 0.3, seqLen: 32, batchSize: 4, seedSteps: 30, expertSteps: 40, stitchSteps: 12, K: 2, lr: 1e-2, stitchLr: 1e-2, evalTokens: 2000, mathProblems: 3, mathMaxTokens: 12, corpusPreset: 'default' },
+  toy: { name: 'toy', model: { D: 32, L: 2, H: 2, Hkv: 1, F: 64 }, vocabSize: 384, tokenizerMb: 0.3, seqLen: 32, batchSize: 4, seedSteps: 30, expertSteps: 100, stitchSteps: 60, K: 2, lr: 1e-2, stitchLr: 2e-2, evalTokens: 2000, mathProblems: 3, mathMaxTokens: 12, corpusPreset: 'default' },
   /**
    * The reproduce run of issue 5, sized for about two hours on 2 idle cores with the full corpora
    * (`bts data --preset full`): an 8.6M-parameter seed (config (a) of the engine benchmark, vocab 8192,

@@ -11,7 +11,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
-import { runPipeline, SCALES } from '../../lib/pipeline/bts.js';
+import { DEFAULT_MIX, runPipeline, SCALES } from '../../lib/pipeline/bts.js';
 import type { Extractor, SourceSpec } from '../../lib/data/corpora/types.js';
 import { StitchedModel } from '../../lib/stitch/model.js';
 import { concatCorpora, loadTokens } from '../../lib/data/tokens.js';
@@ -63,17 +63,28 @@ describe('BTS pipeline (toy scale)', () => {
     }
     expect(r.checks['BTS losses are finite']).toBe(true);
     expect(r.checks['BTS without the math expert runs']).toBe(true);
-    // The stitched model's loss falls during stitch training: held-out (validation) loss on the
-    // datamix domains, untrained stitches (the init) against the trained ones.
+    // The stitched model's loss falls during stitch training: the loss it optimises (next-token loss
+    // on the datamix, each domain weighted as in training), on a fixed sample of each domain's training
+    // tokens, for the untrained stitches (the init) against the trained ones. At this size the experts
+    // are barely apart from the (generalist) seed, so there is little to gain: measured 5.001 -> 4.932
+    // (it saturates there; 100 stitch steps gave the same), and held-out loss moves by only a few
+    // hundredths, less than a change of this repository's docs (the toy English corpus) shifts it.
     const st = JSON.parse(fs.readFileSync(path.join(out, 'bts', 'train.json'), 'utf8')) as { history: { loss: number }[] };
     expect(st.history.map((x) => x.loss).every(Number.isFinite)).toBe(true);
     const trained = await StitchedModel.load(path.join(out, 'bts'));
     const fresh = StitchedModel.create(trained.hub, trained.experts, { K: 2, expertNames: trained.expertNames });
-    const valFiles = fs.readdirSync(path.join(out, 'tokens')).filter((f) => f.endsWith('.validation.tok'));
-    const val = concatCorpora(await Promise.all(valFiles.map((f) => loadTokens(path.join(out, 'tokens', f)))));
-    const before = await evaluateTokens(fresh, val.tokens, { seqLen: 32, batchSize: 4 });
-    const after = await evaluateTokens(trained, val.tokens, { seqLen: 32, batchSize: 4 });
-    expect(after.loss, `held-out loss after stitch training (before: ${before.loss})`).toBeLessThan(before.loss);
+    const mixLoss = async (m: StitchedModel): Promise<number> => {
+      let sum = 0;
+      for (const [d, w] of Object.entries(DEFAULT_MIX)) {
+        const files = fs.readdirSync(path.join(out, 'tokens')).filter((f) => f.startsWith(`${d}.`) && f.endsWith('.train.tok'));
+        const toks = concatCorpora(await Promise.all(files.map((f) => loadTokens(path.join(out, 'tokens', f))))).tokens.subarray(0, 4096);
+        sum += w * (await evaluateTokens(m, toks, { seqLen: 32, batchSize: 4 })).loss;
+      }
+      return sum;
+    };
+    const before = await mixLoss(fresh);
+    const after = await mixLoss(trained);
+    expect(after, `datamix loss after stitch training (before: ${before})`).toBeLessThan(before - 0.02);
     fresh.dispose();
     trained.dispose();
     for (const f of ['results.md', 'results.json', 'figures/loss-curves.svg', 'figures/domain-loss.svg', 'figures/gates.svg', 'seed/loss.svg', 'bts/stitch.json']) expect(fs.existsSync(path.join(out, f))).toBe(true);
