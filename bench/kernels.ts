@@ -67,6 +67,28 @@ function build(): string {
   return exe;
 }
 
+/**
+ * Runs a benchmark executable and hands each JSON line of its stdout (lines starting with '{') to
+ * `onRow` as it arrives; resolves with the exit code.
+ */
+function runJsonLines(exe: string, exeArgs: string[], env: NodeJS.ProcessEnv, onRow: (r: Record<string, unknown>) => void): Promise<number | null> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(exe, exeArgs, { stdio: ['ignore', 'pipe', 'inherit'], env });
+    let buf = '';
+    child.stdout.on('data', (d: Buffer) => {
+      buf += d.toString();
+      let i;
+      while ((i = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, i).trim();
+        buf = buf.slice(i + 1);
+        if (line.startsWith('{')) onRow(JSON.parse(line) as Record<string, unknown>);
+      }
+    });
+    child.on('error', reject);
+    child.on('exit', (code) => resolve(code));
+  });
+}
+
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   const m = s.length >> 1;
@@ -81,26 +103,14 @@ async function main() {
   const exe = build();
   const rows: Row[] = [];
   console.log(`${'kernel'.padEnd(52)} ${'thr'.padStart(3)} ${'ours'.padStart(9)} ${'anchor'.padStart(9)} ${'ratio'.padStart(6)}  unit     anchor`);
-  await new Promise<void>((resolve, reject) => {
-    const child = spawn(exe, args, { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, OPENBLAS_NUM_THREADS: '2' } });
-    let buf = '';
-    child.stdout.on('data', (d: Buffer) => {
-      buf += d.toString();
-      let i;
-      while ((i = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, i).trim();
-        buf = buf.slice(i + 1);
-        if (!line.startsWith('{')) continue;
-        const r = JSON.parse(line) as Row;
-        rows.push(r);
-        console.log(
-          `${r.name.padEnd(52)} ${String(r.threads).padStart(3)} ${fmt(r.ours).padStart(9)} ${fmt(r.anchor).padStart(9)} ${fmt(r.ratio, 2).padStart(6)}  ${r.unit.padEnd(8)} ${r.anchorName}`,
-        );
-      }
-    });
-    child.on('error', reject);
-    child.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`bench exited with ${code}`))));
+  const code = await runJsonLines(exe, args, { ...process.env, OPENBLAS_NUM_THREADS: '2' }, (raw) => {
+    const r = raw as unknown as Row;
+    rows.push(r);
+    console.log(
+      `${r.name.padEnd(52)} ${String(r.threads).padStart(3)} ${fmt(r.ours).padStart(9)} ${fmt(r.anchor).padStart(9)} ${fmt(r.ratio, 2).padStart(6)}  ${r.unit.padEnd(8)} ${r.anchorName}`,
+    );
   });
+  if (code !== 0) throw new Error(`bench exited with ${code}`);
 
   const dir = join(root, 'bench', 'results');
   mkdirSync(dir, { recursive: true });
@@ -181,34 +191,20 @@ async function mainCuda() {
   const rows: CudaRow[] = [];
   // Filled by the stdout handler (an object, so that TypeScript does not narrow them to null).
   const got: { dev: Record<string, unknown> | null; noDevice: string | null } = { dev: null, noDevice: null };
-  const code = await new Promise<number | null>((res, reject) => {
-    const child = spawn(exe, exeArgs, { stdio: ['ignore', 'pipe', 'inherit'] });
-    let buf = '';
-    child.stdout.on('data', (d: Buffer) => {
-      buf += d.toString();
-      let i;
-      while ((i = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, i).trim();
-        buf = buf.slice(i + 1);
-        if (!line.startsWith('{')) continue;
-        const r = JSON.parse(line) as Record<string, unknown>;
-        if (r.name === '_no_device') got.noDevice = String(r.reason);
-        else if (r.name === '_device') {
-          got.dev = r;
-          const peaks = `fp32 ${r.fp32TFLOPs ?? 'unknown'} TFLOP/s, bf16 tensor ${r.bf16TFLOPs ?? 'unknown'} TFLOP/s, DRAM ${r.dramGBs ?? 'unknown'} GB/s`;
-          console.log(r.emulated ? 'device: SIMT emulator on the CPU (EMULATED: the timings below measure the emulator and mean nothing)'
-            : `device: ${r.device} (cc ${r.cc}, ${r.sms} SMs, ${r.clockMHz} MHz); peaks ${peaks} (${r.peakSource})`);
-          console.log(`${'kernel'.padEnd(64)} ${'us'.padStart(10)} ${'warm us'.padStart(10)} ${'ours'.padStart(9)} unit     ${'peak'.padStart(6)}`);
-        } else {
-          const c = r as unknown as CudaRow;
-          rows.push(c);
-          const frac = c.ratio === null ? '-' : `${(100 * c.ratio).toFixed(1)}%`;
-          console.log(`${c.name.padEnd(64)} ${fmt(c.us).padStart(10)} ${fmt(c.warmUs).padStart(10)} ${sig(c.ours).padStart(9)} ${c.unit.padEnd(8)} ${frac.padStart(6)}${c.anchorName ? ` of ${c.anchorName}` : ''}`);
-        }
-      }
-    });
-    child.on('error', reject);
-    child.on('exit', (c) => res(c));
+  const code = await runJsonLines(exe, exeArgs, process.env, (r) => {
+    if (r.name === '_no_device') got.noDevice = String(r.reason);
+    else if (r.name === '_device') {
+      got.dev = r;
+      const peaks = `fp32 ${r.fp32TFLOPs ?? 'unknown'} TFLOP/s, bf16 tensor ${r.bf16TFLOPs ?? 'unknown'} TFLOP/s, DRAM ${r.dramGBs ?? 'unknown'} GB/s`;
+      console.log(r.emulated ? 'device: SIMT emulator on the CPU (EMULATED: the timings below measure the emulator and mean nothing)'
+        : `device: ${r.device} (cc ${r.cc}, ${r.sms} SMs, ${r.clockMHz} MHz); peaks ${peaks} (${r.peakSource})`);
+      console.log(`${'kernel'.padEnd(64)} ${'us'.padStart(10)} ${'warm us'.padStart(10)} ${'ours'.padStart(9)} unit     ${'peak'.padStart(6)}`);
+    } else {
+      const c = r as unknown as CudaRow;
+      rows.push(c);
+      const frac = c.ratio === null ? '-' : `${(100 * c.ratio).toFixed(1)}%`;
+      console.log(`${c.name.padEnd(64)} ${fmt(c.us).padStart(10)} ${fmt(c.warmUs).padStart(10)} ${sig(c.ours).padStart(9)} ${c.unit.padEnd(8)} ${frac.padStart(6)}${c.anchorName ? ` of ${c.anchorName}` : ''}`);
+    }
   });
   if (code === 3 && got.noDevice !== null) return skip(`no usable CUDA device: ${got.noDevice}`);
   if (code !== 0) throw new Error(`bench: ${target} exited with ${code}`);

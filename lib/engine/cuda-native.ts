@@ -67,16 +67,8 @@ export interface CudaLlama extends NativeLlama {
   deviceBytes(): number;
 }
 
-/** The raw addon surface (native/cuda/engine/binding.cc). */
-interface RawCudaLlama extends NativeLlama {
-  readonly device: number;
-  gradNames(): string[];
-  uploadWeights(weights: Record<string, Float32Array>): Promise<void>;
-  downloadWeights(out: Record<string, Float32Array>): Promise<void>;
-  downloadGrads(out: Record<string, Float32Array>): Promise<void>;
-  zeroGrads(): Promise<void>;
-  deviceBytes(): number;
-}
+/** The raw addon surface (native/cuda/engine/binding.cc): the same methods, unchecked. */
+type RawCudaLlama = CudaLlama;
 type CudaEngineAddon = CudaAddon & {
   llamaCreate?: (config: NativeLlamaConfig, weights: Record<string, Float32Array>, options: { grads: boolean | string[] }) => RawCudaLlama;
 };
