@@ -84,14 +84,16 @@ export interface PipelineScale {
 export const SCALES: Record<string, PipelineScale> = {
   toy: { name: 'toy', model: { D: 32, L: 2, H: 2, Hkv: 1, F: 64 }, vocabSize: 384, tokenizerMb: 0.3, seqLen: 32, batchSize: 4, seedSteps: 30, expertSteps: 100, stitchSteps: 60, K: 2, lr: 1e-2, stitchLr: 2e-2, evalTokens: 2000, mathProblems: 3, mathMaxTokens: 12, corpusPreset: 'default' },
   /**
-   * The reproduce run of issue 5, sized for about two hours on 2 idle cores with the full corpora
-   * (`bts data --preset full`): an 8.6M-parameter seed (config (a) of the engine benchmark, vocab 8192,
-   * untied) pretrained on 4.9M tokens of English, three experts on 1.6M tokens each, then the dense
-   * baseline and four stitch runs (K=4, K=1, all E->H, no-math retrained) on 1M tokens each of the
-   * datamix: 15M training tokens in all. Chosen by measured speed (about 3000 training tokens/s for
-   * this shape, 1700 for a hub + 3 experts stitch step): a larger seed or more tokens would not fit.
+   * The reproduce run of issue 5, sized for about 90 minutes on 2 idle cores with the full corpora
+   * (`bts data --preset full`, about 11 min of that): an 8.6M-parameter seed (config (a) of the engine
+   * benchmark, vocab 8192, untied) pretrained on 3.7M tokens of the seed mix, three experts on 1.3M
+   * tokens each, then the dense baseline and the stitch runs (K=4, K=1, all E->H on 0.8M tokens each
+   * of the datamix, no-math retrained on a quarter of that): about 10M training tokens in all.
+   * Chosen by measured speed (about 3000 training tokens/s for this shape, 1700 for a hub + 3 experts
+   * stitch step) so that the whole table completes in one sitting; a two-hour budget buys about 1.4x
+   * these step counts (seedSteps 1200, expertSteps 400, stitchSteps 240), which is a one-line change.
    */
-  reproduce: { name: 'reproduce', model: { D: 256, L: 6, H: 8, Hkv: 4, F: 688 }, vocabSize: 8192, tokenizerMb: 20, seqLen: 256, batchSize: 16, seedSteps: 1200, expertSteps: 400, stitchSteps: 240, K: 4, lr: 2e-3, stitchLr: 2e-3, evalTokens: 16384, mathProblems: 96, mathMaxTokens: 96, corpusPreset: 'full', variants: true },
+  reproduce: { name: 'reproduce', model: { D: 256, L: 6, H: 8, Hkv: 4, F: 688 }, vocabSize: 8192, tokenizerMb: 20, seqLen: 256, batchSize: 16, seedSteps: 900, expertSteps: 320, stitchSteps: 200, K: 4, lr: 2e-3, stitchLr: 2e-3, evalTokens: 16384, mathProblems: 96, mathMaxTokens: 96, corpusPreset: 'full', variants: true },
   demo: { name: 'demo', model: { D: 128, L: 4, H: 4, Hkv: 2, F: 352 }, vocabSize: 2048, tokenizerMb: 4, seqLen: 128, batchSize: 16, seedSteps: 1000, expertSteps: 400, stitchSteps: 500, K: 2, lr: 2e-3, stitchLr: 2e-3, evalTokens: 20000, mathProblems: 24, mathMaxTokens: 64, corpusPreset: 'default' },
 };
 
