@@ -6,7 +6,9 @@
  * instead of borrowed host gradient arrays: gradients live on the GPU (accumulated by
  * forwardBackward), {@link CudaLlama.downloadGrads} copies them into host arrays,
  * {@link CudaLlama.zeroGrads} clears them and {@link CudaLlama.uploadWeights} replaces weights (so a
- * host-side optimizer can drive training).
+ * host-side optimizer can drive training); {@link CudaLlama.adamwStep} is the device-side optimizer
+ * (moments on the GPU, moved by {@link CudaLlama.uploadMoments} / {@link CudaLlama.downloadMoments}
+ * for checkpoints), so a training step needs no weight or gradient transfer at all.
  *
  * Differences from the CPU engine, by design:
  * - Weights are COPIED to the device at creation (the CPU engine borrows the arrays and sees in-place
@@ -63,8 +65,32 @@ export interface CudaLlama extends NativeLlama {
   downloadGrads(out: Record<string, Float32Array>): Promise<void>;
   /** Sets every gradient buffer to 0 (between optimizer steps). */
   zeroGrads(): Promise<void>;
-  /** Bytes of device memory the model holds now: weights, gradients and workspaces (caches not included). */
+  /**
+   * One AdamW step on the device over every tensor with a gradient, the semantics of
+   * `ops.adamwStep` (global gradient-norm clipping, bias correction by `step`, weight decay on
+   * matrices and embeddings only). The moments start at zero unless uploaded.
+   * @returns the global gradient norm before clipping.
+   */
+  adamwStep(o: CudaAdamwOptions): Promise<number>;
+  /** Replaces AdamW moments on the device (Float32Arrays by HF name of trained tensors, any subset). */
+  uploadMoments(m: Record<string, Float32Array>, v: Record<string, Float32Array>): Promise<void>;
+  /** Copies the device AdamW moments into host arrays (by HF name of trained tensors, any subset). */
+  downloadMoments(m: Record<string, Float32Array>, v: Record<string, Float32Array>): Promise<void>;
+  /** Bytes of device memory the model holds now: weights, gradients, moments and workspaces (caches not included). */
   deviceBytes(): number;
+}
+
+/** Hyper-parameters of {@link CudaLlama.adamwStep} (as ops.adamwStep's). */
+export interface CudaAdamwOptions {
+  lr: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
+  /** Global gradient-norm clip; 0 disables. */
+  maxGradNorm: number;
+  /** 1-based step number (bias correction). */
+  step: number;
 }
 
 /** The raw addon surface (native/cuda/engine/binding.cc): the same methods, unchecked. */
@@ -99,6 +125,27 @@ class CheckedCudaLlama extends CheckedModel<RawCudaLlama> implements CudaLlama {
 
   gradNames(): string[] {
     return sync(() => this.raw.gradNames());
+  }
+
+  adamwStep(o: CudaAdamwOptions): Promise<number> {
+    return call(async () => {
+      const w = 'CudaLlama.adamwStep';
+      if (typeof o !== 'object' || o === null) throw new ArgumentError(`${w}: expected { lr, beta1, beta2, eps, weightDecay, maxGradNorm, step }, got ${kind(o)}`);
+      for (const k of ['lr', 'beta1', 'beta2', 'eps', 'weightDecay', 'maxGradNorm'] as const)
+        if (typeof o[k] !== 'number' || !Number.isFinite(o[k])) throw new ArgumentError(`${w}: ${k} must be a finite number, got ${String(o[k])}`);
+      if (!(o.beta1 >= 0 && o.beta1 < 1 && o.beta2 >= 0 && o.beta2 < 1)) throw new ArgumentError(`${w}: beta1 and beta2 must be in [0, 1), got ${o.beta1}, ${o.beta2}`);
+      if (!(o.eps > 0)) throw new ArgumentError(`${w}: eps must be > 0, got ${o.eps}`);
+      posInt(`${w}: step`, o.step);
+      return this.raw.adamwStep({ lr: o.lr, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay, maxGradNorm: o.maxGradNorm, step: o.step });
+    });
+  }
+
+  uploadMoments(m: Record<string, Float32Array>, v: Record<string, Float32Array>): Promise<void> {
+    return call(async () => this.raw.uploadMoments(this.tensors('uploadMoments: m', m), this.tensors('uploadMoments: v', v)));
+  }
+
+  downloadMoments(m: Record<string, Float32Array>, v: Record<string, Float32Array>): Promise<void> {
+    return call(async () => this.raw.downloadMoments(this.tensors('downloadMoments: m', m), this.tensors('downloadMoments: v', v)));
   }
 
   /** Checks an object of Float32Arrays by HF name for `method`. */

@@ -25,7 +25,8 @@
  * device holds a copy of the weights (uploaded at engine creation and again before the next call after
  * {@link LlamaModel.syncPrecisionCopies}, which the trainer calls after every optimizer step) and the
  * gradient sum (zeroed by {@link LlamaModel.zeroGrad}, copied into {@link LlamaModel.grads} after every
- * forwardBackward, so the host-side AdamW of the trainer drives it unchanged). CUDA limits: fp32 compute
+ * forwardBackward); {@link LlamaModel.optimizerStep} runs AdamW on the device (moments there, copied
+ * back by {@link LlamaModel.syncMoments}) and downloads the updated weights. CUDA limits: fp32 compute
  * only (bf16 mixed precision is refused; bf16 or mapped frozen weights are widened to fp32 on upload),
  * and verified only under the SIMT emulator so far (docs/CUDA.md).
  */
@@ -47,6 +48,7 @@ import { loadTokenizerFile, type BpeTokenizer } from '../tokenizer/bpe.js';
 import { llamaCreate, mapFile, type NativeKvCache, type NativeLlama, type NativeMappedFile, type NativeMappedWeight, type NativeWeight } from '../engine/native.js';
 import type { CausalDecoder, DecoderCache } from '../infer/generate.js';
 import { Rng } from '../util/random.js';
+import { adamwStepAsync } from '../ops/adamw.js';
 import { isBlockMatrix, llamaLayout, viewsOf, type ParamLayout } from './layout.js';
 
 /** Options of {@link LlamaModel.load}. */
@@ -92,6 +94,26 @@ export interface LossSum {
   count: number;
 }
 
+/**
+ * One optimizer step of {@link LlamaModel.optimizerStep}: the trainer's AdamW moments (flat, the
+ * layout of {@link LlamaModel.params}) and hyper-parameters (the semantics of ops.adamwStep).
+ */
+export interface OptimizerStepOptions {
+  /** First and second moments, [params.length] each. */
+  m: Float32Array;
+  v: Float32Array;
+  lr: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  /** Decoupled weight decay of the matrices and embeddings (never the norm gains). */
+  weightDecay: number;
+  /** 1-based step number (bias correction). */
+  step: number;
+  /** Global gradient-norm clip; 0 disables. */
+  maxGradNorm: number;
+}
+
 type Held = { kind: 'f32'; data: Float32Array } | { kind: 'bf16'; data: Uint16Array } | { kind: 'mapped'; weight: NativeMappedWeight; path: string };
 
 /** Checks a token array: integers in [0, V). */
@@ -131,6 +153,12 @@ export class LlamaModel implements Disposable, CausalDecoder {
   /** CUDA engine: the host weights changed since the last upload / the device gradients must be zeroed. */
   private cudaWeightsStale = false;
   private cudaGradsStale = false;
+  /**
+   * CUDA engine: the moment arrays whose state the device optimizer holds (null: none), and whether
+   * the device state is newer than those host arrays (steps since the last {@link syncMoments}).
+   */
+  private cudaMoments: { m: Float32Array; v: Float32Array } | null = null;
+  private cudaMomentsAhead = false;
 
   private constructor(config: LlamaConfig, tokenizer: BpeTokenizer | null, layout: ParamLayout | null, params: Float32Array | null, held: Map<string, Held>, files: NativeMappedFile[]) {
     this.config = config;
@@ -316,6 +344,7 @@ export class LlamaModel implements Disposable, CausalDecoder {
   setDevice(device: Device): void {
     this.checkAlive();
     checkDevice(device, 'setDevice: device');
+    this.checkMomentsSynced('setDevice');
     this.dropHandle();
     this.deviceChoice = device;
     this.resolvedDevice = null;
@@ -355,6 +384,50 @@ export class LlamaModel implements Disposable, CausalDecoder {
     if (!this.bf16Copies) return;
     const views = viewsOf(this.layout!, this.params!);
     for (const [name, copy] of this.bf16Copies) f32ToBf16(views[name], copy);
+  }
+
+  /**
+   * One AdamW step over every weight (what the trainer calls after accumulating gradients), in place.
+   * On the CPU: the fused native op over params, grads and the given moments, then the bf16 copies of
+   * mixed precision are refreshed. On CUDA: the device optimizer (no gradient or weight upload per
+   * step): the moments are uploaded on the first step with a given pair of arrays and then live on the
+   * device, so `m` and `v` are stale until {@link syncMoments}; the updated weights are copied back
+   * into {@link params}, which stays the master copy.
+   * @returns the global gradient norm before clipping.
+   */
+  async optimizerStep(o: OptimizerStepOptions): Promise<{ gradNorm: number }> {
+    this.checkAlive();
+    if (!this.params || !this.grads || !this.layout) throw new ArgumentError('optimizerStep: the model is frozen (load it with trainable: true)');
+    const n = this.params.length;
+    if (!(o.m instanceof Float32Array) || !(o.v instanceof Float32Array) || o.m.length !== n || o.v.length !== n)
+      throw new ShapeError(`optimizerStep: m and v must be Float32Arrays of params.length = ${n} elements`);
+    if (this.device !== 'cuda') {
+      const r = await adamwStepAsync({ params: this.params, grads: this.grads, m: o.m, v: o.v, lr: o.lr, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay, nDecay: this.nDecay, step: o.step, maxGradNorm: o.maxGradNorm });
+      this.syncPrecisionCopies();
+      return { gradNorm: r.gradNorm };
+    }
+    const cuda = (await this.ready()) as CudaLlama;
+    if (!this.cudaMoments || this.cudaMoments.m !== o.m || this.cudaMoments.v !== o.v) {
+      if (this.cudaMomentsAhead) throw new ArgumentError('optimizerStep: the device holds moments newer than their host arrays; call syncMoments() with those arrays before switching to others');
+      await cuda.uploadMoments(viewsOf(this.layout, o.m), viewsOf(this.layout, o.v));
+      this.cudaMoments = { m: o.m, v: o.v };
+    }
+    this.cudaMomentsAhead = true;
+    const gradNorm = await cuda.adamwStep({ lr: o.lr, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay, maxGradNorm: o.maxGradNorm, step: o.step });
+    await cuda.downloadWeights(viewsOf(this.layout, this.params));
+    return { gradNorm };
+  }
+
+  /**
+   * Brings the host moment arrays given to {@link optimizerStep} up to date (CUDA: copies the device
+   * optimizer's state into them; CPU: nothing to do). The trainer calls it before every checkpoint.
+   */
+  async syncMoments(m: Float32Array, v: Float32Array): Promise<void> {
+    this.checkAlive();
+    if (!this.cudaMomentsAhead || !this.cudaMoments || !this.handle) return;
+    if (this.cudaMoments.m !== m || this.cudaMoments.v !== v) throw new ArgumentError('syncMoments: these are not the moment arrays the device optimizer was started with');
+    await (this.handle as CudaLlama).downloadMoments(viewsOf(this.layout!, m), viewsOf(this.layout!, v));
+    this.cudaMomentsAhead = false;
   }
 
   /** Sets every gradient to zero. */
@@ -514,6 +587,13 @@ export class LlamaModel implements Disposable, CausalDecoder {
   private dropHandle(): void {
     if (this.handle) this.handle.dispose();
     this.handle = null;
+    this.cudaMoments = null;
+    this.cudaMomentsAhead = false;
+  }
+
+  /** Refuses to drop a CUDA engine whose optimizer state has not been copied back (it would be lost). */
+  private checkMomentsSynced(what: string): void {
+    if (this.cudaMomentsAhead) throw new ArgumentError(`${what}: the CUDA engine holds AdamW moments newer than the host arrays; await syncMoments(m, v) first (a Trainer does at every checkpoint)`);
   }
 
   private storedDtype(): 'f32' | 'bf16' {

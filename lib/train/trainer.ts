@@ -9,7 +9,9 @@
  *      checkpoint), count their non-ignored targets C;
  *   2. zero the gradients, then forwardBackward each micro-batch with gradScale = 1 / C, so the
  *      accumulated gradient is that of the mean loss over all C targets (as one big batch would give);
- *   3. one fused native AdamW step over the flat parameter buffer (clipping included);
+ *   3. one fused native AdamW step over the flat parameter buffer (clipping included): the model's
+ *      own optimizerStep where it has one (LlamaModel: on the CPU the same native op; on CUDA the
+ *      device optimizer, moments on the GPU, copied back by syncMoments before every checkpoint);
  *   4. in bf16 mixed precision, refresh the bf16 copies of the block matrices from the fp32 masters.
  * Every native call is async (the event loop stays free); the signal is checked between micro-batches.
  *
@@ -27,7 +29,7 @@ import * as path from 'node:path';
 import { AbortError, ArgumentError, FormatError } from '../errors.js';
 import { writeFileAtomic } from '../formats/atomic.js';
 import { openSafetensors, writeSafetensorsAsync } from '../formats/safetensors.js';
-import { LlamaModel } from '../model/llama.js';
+import { LlamaModel, type OptimizerStepOptions } from '../model/llama.js';
 import { adamwStepAsync } from '../ops/adamw.js';
 import { learningRate, type LrSchedule } from './schedule.js';
 import { lineChart, writeSvg } from '../util/plot.js';
@@ -56,6 +58,13 @@ export interface TrainableModel {
   syncPrecisionCopies?(): void;
   /** Writes what a checkpoint needs to rebuild the model into `dir` (a fresh folder). */
   saveCheckpointModel(dir: string): Promise<void>;
+  /**
+   * Optional: the model runs the AdamW step itself (and refreshes its own low-precision copies), e.g.
+   * on a GPU. Without it the trainer runs ops.adamwStep on params / grads, then syncPrecisionCopies.
+   */
+  optimizerStep?(o: OptimizerStepOptions): Promise<{ gradNorm: number }>;
+  /** With optimizerStep: brings the host moments up to date (called before every checkpoint). */
+  syncMoments?(m: Float32Array, v: Float32Array): Promise<void>;
 }
 
 /** A batch of next-token examples: inputs and targets, both [B*T]. */
@@ -302,21 +311,14 @@ export class Trainer<M extends TrainableModel = LlamaModel> {
         lossSum += r.lossSum;
       }
       const lr = learningRate(this.schedule, this.st.step);
-      const { gradNorm } = await adamwStepAsync({
-        params: model.params!,
-        grads: model.grads!,
-        m: this.m,
-        v: this.v,
-        lr,
-        beta1: o.beta1 ?? 0.9,
-        beta2: o.beta2 ?? 0.95,
-        eps: o.eps ?? 1e-8,
-        weightDecay: o.weightDecay ?? 0.1,
-        nDecay: model.nDecay,
-        step: this.st.step + 1,
-        maxGradNorm: o.maxGradNorm ?? 1,
-      });
-      model.syncPrecisionCopies?.();
+      const hyper = { lr, beta1: o.beta1 ?? 0.9, beta2: o.beta2 ?? 0.95, eps: o.eps ?? 1e-8, weightDecay: o.weightDecay ?? 0.1, step: this.st.step + 1, maxGradNorm: o.maxGradNorm ?? 1 };
+      let gradNorm: number;
+      if (model.optimizerStep) {
+        gradNorm = (await model.optimizerStep({ m: this.m, v: this.v, ...hyper })).gradNorm;
+      } else {
+        gradNorm = (await adamwStepAsync({ params: model.params!, grads: model.grads!, m: this.m, v: this.v, nDecay: model.nDecay, ...hyper })).gradNorm;
+        model.syncPrecisionCopies?.();
+      }
       this.st.step++;
       this.dataAtStepStart = null;
       const stepTokens = batches.length * B * T;
@@ -379,6 +381,7 @@ export class Trainer<M extends TrainableModel = LlamaModel> {
     fs.mkdirSync(tmp, { recursive: true });
     try {
       await this.model.saveCheckpointModel(path.join(tmp, 'model'));
+      await this.model.syncMoments?.(this.m, this.v);
       await writeSafetensorsAsync(path.join(tmp, 'optimizer.safetensors'), {
         m: { dtype: 'F32', shape: [this.m.length], data: this.m },
         v: { dtype: 'F32', shape: [this.v.length], data: this.v },

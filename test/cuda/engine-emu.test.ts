@@ -4,7 +4,7 @@
 // emulator on the CPU. A tiny random Llama with GQA and odd sizes (D 48, L 2, H 4, Hkv 2, Dh 12, F 72,
 // V 97; B 2, T 7): logits, loss (per row, with ignored targets), every weight gradient after two
 // accumulated forwardBackward calls (also with tied embeddings), zeroGrads, upload / download of
-// weights, prefill + batched decode over two slots of different lengths (llama3 RoPE scaling) with
+// weights, the device AdamW over a trained subset against ops.adamwStep (moments in and out), prefill + batched decode over two slots of different lengths (llama3 RoPE scaling) with
 // cache reset, and bad input through both the TypeScript face and the raw addon (typed errors; the
 // model keeps working).
 //
@@ -24,6 +24,7 @@ import { cudaLlamaCreate, type CudaLlama } from '../../lib/engine/cuda-native.js
 import { llamaCreate, type NativeLlama } from '../../lib/engine/native.js';
 import { ArgumentError, DTypeError, DisposedError, ShapeError, TokenRangeError, UnsupportedFeatureError, fromNative } from '../../lib/errors.js';
 import { f32ToBf16 } from '../../lib/index.js';
+import { adamwStep } from '../../lib/ops/adamw.js';
 import { randIds, relErr } from '../helpers.js';
 import { counted, nextTokenTargets, randomTensors, record, smallConfig, zeroGrads } from '../engine/helpers.js';
 
@@ -219,6 +220,66 @@ for (const target of targets) {
       }
     });
 
+    it('the device AdamW over a trained subset equals ops.adamwStep (matrices decayed, norm gains not, frozen untouched)', async () => {
+      const trained = (n: string) => n.startsWith('model.layers.1.') || n === 'model.norm.weight' || n === 'lm_head.weight';
+      const ts = randomTensors(config, 75);
+      const names = Object.keys(zeroGrads(config, trained));
+      const gpu = cudaLlamaCreate(config, record(ts), { grads: names });
+      try {
+        await gpu.forwardBackward(inputs[0], targets[0], B, T, 1 / (B * T));
+        const g = zeroGrads(config, trained);
+        await gpu.downloadGrads(g);
+        // The CPU reference: one flat buffer, matrices first (decayed), then the norm gains.
+        const isNorm = (n: string) => /norm\.weight$/.test(n);
+        const order = [...names.filter((n) => !isNorm(n)), ...names.filter(isNorm)];
+        const size = order.reduce((a, n) => a + g[n].length, 0);
+        const nDecay = order.filter((n) => !isNorm(n)).reduce((a, n) => a + g[n].length, 0);
+        const flat = (get: (n: string) => Float32Array) => {
+          const out = new Float32Array(size);
+          let o = 0;
+          for (const n of order) out.set(get(n), (o += get(n).length) - get(n).length);
+          return out;
+        };
+        const views = (buf: Float32Array) => {
+          const out: Record<string, Float32Array> = {};
+          let o = 0;
+          for (const n of order) out[n] = buf.subarray(o, (o += g[n].length));
+          return out;
+        };
+        const params = flat((n) => ts.get(n)!);
+        const grads = flat((n) => g[n]);
+        const m = new Float32Array(size).map((_, i) => 1e-3 * Math.sin(0.7 * i));
+        const v = new Float32Array(size).map((_, i) => 1e-5 * (1.2 + Math.cos(i)));
+        await gpu.uploadMoments(views(m.slice()), views(v.slice()));
+        const hyper = { lr: 3e-2, beta1: 0.8, beta2: 0.9, eps: 1e-8, weightDecay: 0.7, maxGradNorm: 0.01, step: 3 };
+        const ref = adamwStep({ params, grads, m, v, nDecay, ...hyper });
+        const norm = await gpu.adamwStep(hyper);
+        expect(Math.abs(norm - ref.gradNorm)).toBeLessThan(1e-5 * ref.gradNorm);
+        expect(ref.gradNorm).toBeGreaterThan(hyper.maxGradNorm); // clipped
+        const back = zeroGrads(config);
+        await gpu.downloadWeights(back);
+        const want = views(params);
+        for (const [name, w] of ts) {
+          if (trained(name)) expect(relErr(back[name], want[name]), name).toBeLessThan(1e-6);
+          else expect(back[name], `${name} is frozen`).toEqual(w);
+        }
+        // The step moved the weights by far more than the tolerance (a 2 % decay on a norm gain, or a
+        // missed one on a matrix, would show above).
+        expect(relErr(back['lm_head.weight'], ts.get('lm_head.weight')!)).toBeGreaterThan(1e-3);
+        const [mb, vb] = [views(new Float32Array(size)), views(new Float32Array(size))];
+        await gpu.downloadMoments(mb, vb);
+        for (const n of order) {
+          expect(relErr(mb[n], views(m)[n]), `m ${n}`).toBeLessThan(1e-6);
+          expect(relErr(vb[n], views(v)[n]), `v ${n}`).toBeLessThan(1e-6);
+        }
+        await rejects(gpu.uploadMoments({ 'model.embed_tokens.weight': new Float32Array(V * config.hiddenSize) }, {}), ArgumentError, /has no gradient/);
+        await rejects(gpu.adamwStep({ ...hyper, beta1: 1 }), ArgumentError, /beta1/);
+        await rejects(gpu.adamwStep({ ...hyper, step: 0 }), ArgumentError, /step/);
+      } finally {
+        gpu.dispose();
+      }
+    });
+
     it('prefill + batched decode over two slots of different lengths, and reset, equal the CPU engine (llama3 RoPE)', async () => {
       const rc = { ...config, ropeTheta: 500000, ropeScaling: { type: 'llama3' as const, factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 16 } };
       const cpu = llamaCreate(rc, record(tensors), null);
@@ -291,6 +352,7 @@ for (const target of targets) {
         await rejects(gpu.logits(bad, B, T, out), TokenRangeError, /'tokens' at position 4 is 97/);
         await rejects(gpu.logits(inputs[0], B, T + 1, out), ShapeError, /B\*T/);
         await rejects(gpu.forwardBackward(inputs[0], targets[0], B, T, 1), ArgumentError, /frozen/);
+        await rejects(gpu.adamwStep({ lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0, maxGradNorm: 0, step: 1 }), ArgumentError, /frozen/);
         const cache = gpu.createCache(2, 8);
         const o = new Float32Array(V);
         await rejects(gpu.prefill(cache, 2, Int32Array.of(1, 2), o), ArgumentError, /slot 2 is out of range \[0, 2\)/);

@@ -13,6 +13,9 @@
 //   CudaLlama: forwardBackward, loss, logits, createCache, prefill, decode (as NativeLlama; every call
 //              that runs kernels is an AsyncWorker -> Promise), uploadWeights(obj), downloadWeights(obj),
 //              downloadGrads(obj) (obj: Float32Arrays by HF name, a subset), zeroGrads() (Promises),
+//              adamwStep({lr, beta1, beta2, eps, weightDecay, maxGradNorm, step}) -> Promise<gradNorm>
+//              (the device optimizer over every trained tensor), uploadMoments(m, v) and
+//              downloadMoments(m, v) (m, v: Float32Arrays by HF name of trained tensors; Promises),
 //              gradNames(), workspaceBytes(), deviceBytes(), device, dispose().
 //   CudaKvCache: length, reset, truncate, slots, capacity, byteLength, dispose (as NativeKvCache).
 // Not supported here (typed errors): bf16 weights (E_UNSUPPORTED from the engine), mapped weights
@@ -74,6 +77,9 @@ class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap> {
                                          InstanceMethod<&W::Safe<&W::DownloadWeights>>("downloadWeights"),
                                          InstanceMethod<&W::Safe<&W::DownloadGrads>>("downloadGrads"),
                                          InstanceMethod<&W::Safe<&W::ZeroGrads>>("zeroGrads"),
+                                         InstanceMethod<&W::Safe<&W::AdamwStep>>("adamwStep"),
+                                         InstanceMethod<&W::Safe<&W::UploadMoments>>("uploadMoments"),
+                                         InstanceMethod<&W::Safe<&W::DownloadMoments>>("downloadMoments"),
                                          InstanceMethod<&W::Safe<&W::GradNames>>("gradNames"),
                                          InstanceMethod<&W::Safe<&W::DeviceBytes>>("deviceBytes"),
                                          InstanceAccessor<&W::Safe<&W::Device>>("device")}),
@@ -117,6 +123,9 @@ class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap> {
     pins.push_back(pin(info.This()));
     return queue(env, "zeroGrads", [m] { m->zero_grads(); }, nullptr, std::move(pins), this, nullptr);
   }
+  Napi::Value AdamwStep(const Napi::CallbackInfo& info);
+  Napi::Value UploadMoments(const Napi::CallbackInfo& info) { return moments_call(info, true); }
+  Napi::Value DownloadMoments(const Napi::CallbackInfo& info) { return moments_call(info, false); }
   Napi::Value GradNames(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const std::shared_ptr<CudaLlamaModel>& m = core(env, "gradNames");
@@ -142,6 +151,12 @@ class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap> {
   // uploadWeights / downloadWeights / downloadGrads(obj): Float32Arrays by HF name, each of its
   // tensor's numel, checked here; the copies run on a worker.
   Napi::Value tensors_call(const Napi::CallbackInfo& info, const char* method);
+  // The Float32Arrays of obj by HF name, each checked against its tensor's numel (and, with
+  // `trained`, against having a gradient), pinned into `pins`.
+  std::vector<CudaLlamaModel::HostTensor> host_tensors(Napi::Env env, const Napi::Value& v, const std::string& what,
+                                                       const CudaLlamaModel& model, bool trained,
+                                                       std::vector<Napi::ObjectReference>& pins);
+  Napi::Value moments_call(const Napi::CallbackInfo& info, bool upload);
 
   Ctors* ctors_ = nullptr;
   uint64_t id_ = 0;
@@ -220,32 +235,79 @@ Napi::Value CudaLlamaWrap::ForwardBackward(const Napi::CallbackInfo& info) {
                [result](Napi::Env e) { return loss_value(e, *result); }, std::move(a.pins), this, nullptr);
 }
 
-Napi::Value CudaLlamaWrap::tensors_call(const Napi::CallbackInfo& info, const char* method) {
-  Napi::Env env = info.Env();
-  const std::string m = std::string(kClass) + "." + method;
-  std::shared_ptr<CudaLlamaModel> model = core(env, method);
-  Napi::Value v = info.Length() > 0 ? info[0] : env.Undefined();
+std::vector<CudaLlamaModel::HostTensor> CudaLlamaWrap::host_tensors(Napi::Env env, const Napi::Value& v, const std::string& m,
+                                                                    const CudaLlamaModel& model, bool trained,
+                                                                    std::vector<Napi::ObjectReference>& pins) {
   if (!v.IsObject() || v.IsArray() || v.IsTypedArray())
     throw make_error(env, "E_ARGUMENT", m + ": expected an object of Float32Arrays by HF name, got " + describe(v));
   Napi::Object o = v.As<Napi::Object>();
   Napi::Array keys = o.GetPropertyNames();
-  const LlamaConfig& c = model->config();
-  const bool grads = std::string(method) == "downloadGrads";
+  const LlamaConfig& c = model.config();
   std::vector<CudaLlamaModel::HostTensor> ts;
-  std::vector<Napi::ObjectReference> pins;
-  pins.push_back(pin(info.This()));
   for (uint32_t i = 0; i < keys.Length(); i++) {
     const std::string name = keys.Get(i).ToString().Utf8Value();
     const TensorSpec* s = nullptr;
-    for (const TensorSpec& x : model->specs())
+    for (const TensorSpec& x : model.specs())
       if (x.name == name) s = &x;
     if (!s) throw make_error(env, "E_ARGUMENT", m + ": '" + name + "' is not a tensor of this config" + tensor_name_hint(c, name));
-    if (grads && !model->has_grad(name))
+    if (trained && !model.has_grad(name))
       throw make_error(env, "E_ARGUMENT", m + ": '" + name + "' has no gradient (llamaCreate options.grads did not include it)");
     Napi::TypedArray a = typed(env, o.Get(name), napi_float32_array, "Float32Array", s->numel, m + ": ['" + name + "']", "numel");
     pins.push_back(pin(a));
     ts.push_back({name, data_of<float>(a)});
   }
+  return ts;
+}
+
+Napi::Value CudaLlamaWrap::moments_call(const Napi::CallbackInfo& info, bool upload) {
+  Napi::Env env = info.Env();
+  const char* method = upload ? "uploadMoments" : "downloadMoments";
+  const std::string m = std::string(kClass) + "." + method;
+  std::shared_ptr<CudaLlamaModel> model = core(env, method);
+  std::vector<Napi::ObjectReference> pins;
+  pins.push_back(pin(info.This()));
+  std::vector<CudaLlamaModel::HostTensor> mt = host_tensors(env, info.Length() > 0 ? info[0] : env.Undefined(), m + ": m", *model, true, pins);
+  std::vector<CudaLlamaModel::HostTensor> vt = host_tensors(env, info.Length() > 1 ? info[1] : env.Undefined(), m + ": v", *model, true, pins);
+  auto work = [model, mt, vt, upload] {
+    if (upload) model->upload_moments(mt, vt);
+    else model->download_moments(mt, vt);
+  };
+  return queue(env, method, work, nullptr, std::move(pins), this, nullptr);
+}
+
+Napi::Value CudaLlamaWrap::AdamwStep(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const std::string m = std::string(kClass) + ".adamwStep";
+  std::shared_ptr<CudaLlamaModel> model = core(env, "adamwStep");
+  if (!model->trainable())
+    throw make_error(env, "E_ARGUMENT", m + ": the model was created without gradient buffers (frozen); pass { grads: true } to llamaCreate to train");
+  Napi::Value v = info.Length() > 0 ? info[0] : env.Undefined();
+  if (!v.IsObject() || v.IsArray() || v.IsTypedArray())
+    throw make_error(env, "E_ARGUMENT", m + ": expected { lr, beta1, beta2, eps, weightDecay, maxGradNorm, step }, got " + describe(v));
+  Napi::Object o = v.As<Napi::Object>();
+  CudaLlamaModel::OptimStep s;
+  s.lr = float(num_arg(env, o.Get("lr"), m + ": lr"));
+  s.beta1 = float(num_arg(env, o.Get("beta1"), m + ": beta1"));
+  s.beta2 = float(num_arg(env, o.Get("beta2"), m + ": beta2"));
+  s.eps = float(num_arg(env, o.Get("eps"), m + ": eps"));
+  s.weight_decay = float(num_arg(env, o.Get("weightDecay"), m + ": weightDecay"));
+  s.max_grad_norm = float(num_arg(env, o.Get("maxGradNorm"), m + ": maxGradNorm"));
+  s.step = int_arg(env, o.Get("step"), m + ": step", 1, int64_t(1) << 52);
+  std::vector<Napi::ObjectReference> pins;
+  pins.push_back(pin(info.This()));
+  auto norm = std::make_shared<float>(0.f);
+  return queue(env, "adamwStep", [model, s, norm] { *norm = model->adamw_step(s); },
+               [norm](Napi::Env e) -> Napi::Value { return Napi::Number::New(e, double(*norm)); }, std::move(pins), this, nullptr);
+}
+
+Napi::Value CudaLlamaWrap::tensors_call(const Napi::CallbackInfo& info, const char* method) {
+  Napi::Env env = info.Env();
+  const std::string m = std::string(kClass) + "." + method;
+  std::shared_ptr<CudaLlamaModel> model = core(env, method);
+  std::vector<Napi::ObjectReference> pins;
+  pins.push_back(pin(info.This()));
+  const bool grads = std::string(method) == "downloadGrads";
+  std::vector<CudaLlamaModel::HostTensor> ts = host_tensors(env, info.Length() > 0 ? info[0] : env.Undefined(), m, *model, grads, pins);
   const std::string which = method;
   auto work = [model, ts, which] {
     if (which == "uploadWeights") model->upload_weights(ts);

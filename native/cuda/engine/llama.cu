@@ -150,18 +150,28 @@ CudaLlamaModel::CudaLlamaModel(const LlamaConfig& c, const ModelWeights& host, c
       if (!known) fail("E_ARGUMENT", "cuda llama: gradient for '" + name + "', not a tensor of this config");
     }
 
-  // Arenas: every weight, and a gradient for every trained tensor, 256-byte aligned.
+  // Arenas, every tensor 256-byte aligned. The weights arena holds the trained matrices first, then
+  // the trained norm gains, then the frozen tensors; the gradient arena covers the trained prefix with
+  // the SAME offsets. So [0, gn) of weights, gradients and the AdamW moments line up element for
+  // element and one device AdamW call updates every trained tensor, decaying exactly [0, decay_end_)
+  // (the host layout's rule, lib/model/layout.ts: matrices decay, norm gains do not). Padding between
+  // tensors is zero in all four arenas and stays zero under AdamW.
   int64_t wn = 0, gn = 0;
   w_off_.assign(specs_.size(), -1);
   g_off_.assign(specs_.size(), -1);
-  for (size_t i = 0; i < specs_.size(); i++) {
-    w_off_[i] = wn;
-    wn += aligned(specs_[i].numel);
-    if (trained && trained->count(specs_[i].name)) {
-      g_off_[i] = gn;
-      gn += aligned(specs_[i].numel);
+  auto is_trained = [&](size_t i) { return trained && trained->count(specs_[i].name) > 0; };
+  for (int group = 0; group < 3; group++) {
+    for (size_t i = 0; i < specs_.size(); i++) {
+      const int g = is_trained(i) ? (specs_[i].is_norm() ? 1 : 0) : 2;
+      if (g != group) continue;
+      w_off_[i] = wn;
+      if (g < 2) g_off_[i] = wn;
+      wn += aligned(specs_[i].numel);
     }
+    if (group == 0) decay_end_ = wn;
+    if (group == 1) gn = wn;
   }
+  train_end_ = gn;
 
   activate();
 #if defined(BTS_CUDA_EMULATOR)
@@ -173,6 +183,7 @@ CudaLlamaModel::CudaLlamaModel(const LlamaConfig& c, const ModelWeights& host, c
     Drain drain{s_};
     float* wdev = weights_.floats(wn, "llamaCreate (weights)");
     float* gdev = gn ? grads_.floats(gn, "llamaCreate (gradients)") : nullptr;
+    BTS_CUDA_CHECK(cudaMemsetAsync(wdev, 0, size_t(wn) * sizeof(float), s_));  // the padding between tensors
     w_.layers.resize(size_t(c.L));
     g_.layers.resize(size_t(c.L));
     for (size_t i = 0; i < specs_.size(); i++) {
@@ -215,7 +226,7 @@ CudaLlamaModel::~CudaLlamaModel() {
   cudaStreamSynchronize(s_);
   ws_.release();
   rows_.release();
-  for (DeviceBuffer* b : {&weights_, &grads_, &stream_, &acts_, &xf_, &rstdf_, &dx_, &x_, &ids_, &tg_, &losses_, &logits_, &scalars_}) b->release();
+  for (DeviceBuffer* b : {&weights_, &grads_, &m_, &v_, &stream_, &acts_, &xf_, &rstdf_, &dx_, &x_, &ids_, &tg_, &losses_, &logits_, &scalars_}) b->release();
   cudaStreamDestroy(s_);
 }
 
@@ -493,6 +504,69 @@ void CudaLlamaModel::zero_grads() {
   BTS_CUDA_CHECK(cudaStreamSynchronize(s_));
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The optimizer on the device: AdamW moments in arenas shaped like the gradients (allocated zeroed on
+// first use), one cuda::adamw_step over the trained prefix of the arenas.
+
+void CudaLlamaModel::ensure_moments() {
+  if (m_.get()) return;
+  if (train_end_ == 0) return;
+  float* m = m_.floats(train_end_, "adamwStep (first moments)");
+  float* v = v_.floats(train_end_, "adamwStep (second moments)");
+  BTS_CUDA_CHECK(cudaMemsetAsync(m, 0, size_t(train_end_) * sizeof(float), s_));
+  BTS_CUDA_CHECK(cudaMemsetAsync(v, 0, size_t(train_end_) * sizeof(float), s_));
+}
+
+float CudaLlamaModel::adamw_step(const OptimStep& o) {
+  const char* op = "adamwStep";
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!trainable_) fail("E_ARGUMENT", std::string(op) + ": the model was created without gradients (frozen)");
+  activate();
+  Drain drain{s_};
+  ensure_moments();
+  float* norm = static_cast<float*>(scalars_.grow(2 * sizeof(double), "adamwStep"));
+  bts::AdamWParams p;
+  p.n = train_end_;
+  p.n_decay = decay_end_;
+  p.p = static_cast<float*>(weights_.get());
+  p.g = static_cast<const float*>(grads_.get());
+  p.m = static_cast<float*>(m_.get());
+  p.v = static_cast<float*>(v_.get());
+  p.lr = o.lr, p.beta1 = o.beta1, p.beta2 = o.beta2, p.eps = o.eps, p.weight_decay = o.weight_decay;
+  p.step = o.step;
+  p.max_grad_norm = o.max_grad_norm;
+  p.grad_norm = norm;
+  cuda::adamw_step(p, s_);  // checks the hyper-parameters (E_ARGUMENT) before launching
+  float out = 0.f;
+  BTS_CUDA_CHECK(cudaMemcpyAsync(&out, norm, sizeof(float), cudaMemcpyDeviceToHost, s_));
+  BTS_CUDA_CHECK(cudaStreamSynchronize(s_));
+  return out;
+}
+
+void CudaLlamaModel::moments_copy(const std::vector<HostTensor>& m, const std::vector<HostTensor>& v, bool upload) {
+  const char* op = upload ? "uploadMoments" : "downloadMoments";
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const std::vector<HostTensor>* ts : {&m, &v})
+    for (const HostTensor& t : *ts) {
+      const TensorSpec& sp = spec(t.name, op);
+      if (g_off_[size_t(&sp - specs_.data())] < 0) fail("E_ARGUMENT", std::string(op) + ": '" + t.name + "' is not trained (no gradient, no moments)");
+    }
+  activate();
+  Drain drain{s_};
+  ensure_moments();
+  for (int which = 0; which < 2; which++) {
+    float* base = static_cast<float*>((which == 0 ? m_ : v_).get());
+    for (const HostTensor& t : which == 0 ? m : v) {
+      const TensorSpec& sp = spec(t.name, op);
+      float* d = base + g_off_[size_t(&sp - specs_.data())];
+      const size_t bytes = size_t(sp.numel) * sizeof(float);
+      if (upload) BTS_CUDA_CHECK(cudaMemcpyAsync(d, t.data, bytes, cudaMemcpyHostToDevice, s_));
+      else BTS_CUDA_CHECK(cudaMemcpyAsync(t.data, d, bytes, cudaMemcpyDeviceToHost, s_));
+    }
+  }
+  BTS_CUDA_CHECK(cudaStreamSynchronize(s_));
+}
+
 void CudaLlamaModel::release() {
   std::lock_guard<std::mutex> lock(mu_);
   activate();
@@ -508,7 +582,7 @@ size_t CudaLlamaModel::workspace_bytes() const {
   return s;
 }
 
-size_t CudaLlamaModel::device_bytes() const { return workspace_bytes() + weights_.bytes() + grads_.bytes(); }
+size_t CudaLlamaModel::device_bytes() const { return workspace_bytes() + weights_.bytes() + grads_.bytes() + m_.bytes() + v_.bytes(); }
 
 }  // namespace engine
 }  // namespace cuda

@@ -22,7 +22,10 @@
 //   does); the ids are then copied to the device with the call.
 // - Gradients live on the device, ACCUMULATED (+=) by forward_backward; download_grads copies them
 //   to host arrays, zero_grads clears them and upload_weights replaces weights, so a host-side
-//   optimizer can drive training (a device AdamW over the flat buffer is the next step).
+//   optimizer can drive training. adamw_step is the device-side optimizer: the AdamW moments live in
+//   device arenas laid out like the gradients (upload_moments / download_moments move them by HF name
+//   for checkpoints), and one fused launch pair (cuda::adamw_step: global norm, clip, update) updates
+//   every trained weight in place, with nothing crossing the bus but the gradient norm.
 // - Plain C++ header (no CUDA headers): the Node binding (g++) includes it; cudaStream_t comes from
 //   bts_cuda.h (the emulator's emu.h must be included first in an emulated build, as bts_cuda.h says).
 //
@@ -193,6 +196,19 @@ class CudaLlamaModel {
   void download_grads(const std::vector<HostTensor>& out);
   void zero_grads();  // every gradient buffer = 0
 
+  // One AdamW step on the device over every trained tensor (semantics of AdamWParams in bts/ops.h:
+  // global gradient-norm clipping, bias correction by `step`, decoupled weight decay on matrices and
+  // embeddings only, never on norm gains). Moments start at zero unless uploaded. Returns the global
+  // gradient norm before clipping. E_ARGUMENT for a frozen model or bad hyper-parameters.
+  struct OptimStep {
+    float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.f, max_grad_norm = 0.f;
+    int64_t step = 1;
+  };
+  float adamw_step(const OptimStep& o);
+  // Moments by HF name (trained tensors only; E_ARGUMENT otherwise), host <-> device.
+  void upload_moments(const std::vector<HostTensor>& m, const std::vector<HostTensor>& v) { moments_copy(m, v, true); }
+  void download_moments(const std::vector<HostTensor>& m, const std::vector<HostTensor>& v) { moments_copy(m, v, false); }
+
   void release();                 // frees the workspaces (they regrow on the next call)
   // Device bytes of the workspaces (activations, scratch, RoPE table, positions, ids, logits), and of
   // everything the model holds (plus weights and gradients). Lock-free: may be read during a call.
@@ -208,6 +224,8 @@ class CudaLlamaModel {
   const float* forward_nosave(const int32_t* ids, int64_t B, int64_t T);
   void head_loss(const float* xf, int64_t N, const int32_t* targets, float* losses, float grad_scale, float* dx, float* dw);
   Loss read_loss();
+  void ensure_moments();
+  void moments_copy(const std::vector<HostTensor>& m, const std::vector<HostTensor>& v, bool upload);
   void decode_rows(DeviceKvCache& cache, const DecodeSegment* segs, int64_t nsegs, const int32_t* tokens, int64_t R,
                    int64_t out_row0, float* out);
 
@@ -218,7 +236,10 @@ class CudaLlamaModel {
   cudaStream_t s_ = nullptr;
   mutable std::mutex mu_;
 
-  DeviceBuffer weights_, grads_;  // arenas (every tensor 256-byte aligned)
+  DeviceBuffer weights_, grads_;  // arenas (every tensor 256-byte aligned; trained prefix shared, see the constructor)
+  DeviceBuffer m_, v_;            // AdamW moments, layout of grads_ (allocated by the first optimizer call)
+  int64_t decay_end_ = 0;         // floats [0, decay_end_) of the arenas are trained matrices (decayed)
+  int64_t train_end_ = 0;         // floats [0, train_end_) are trained tensors (the gradient arena's extent)
   ModelWeights w_;                // device pointers into weights_
   ModelGrads g_;                  // device pointers into grads_
   bool trainable_ = false;
