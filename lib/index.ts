@@ -21,6 +21,7 @@ export * as ops from './ops/index.js';
 export { info, setSimdLevel, setThreads, simdLevels, type SimdLevel, type BackendInfo } from './runtime.js';
 export { cudaStatus, cudaSearchPaths, getDevice, resolveDevice, setDevice, type CudaDeviceInfo, type CudaProbe, type CudaStatus, type Device } from './device.js';
 export { cudaLlamaCreate, type CudaLlama, type CudaLlamaOptions, type CudaAdamwOptions } from './engine/cuda-native.js';
+export { cudaStitchedCreate, type CudaStitched, type CudaStitchedOptions } from './engine/cuda-stitched.js';
 export type { DeviceOption } from './ops/core.js';
 export * from './errors.js';
 export * from './formats/safetensors.js';

@@ -125,7 +125,8 @@ export function checkExpertConfigs(hub: NativeLlamaConfig, experts: readonly Nat
   });
 }
 
-function checkSpec(spec: NativeStitchSpec, L: number): void {
+/** Checks a stitch spec over L blocks (placement and options); ArgumentError naming the field. @internal */
+export function checkSpec(spec: NativeStitchSpec, L: number): void {
   if (typeof spec !== 'object' || spec === null) throw new ArgumentError(`stitchedCreate: spec must be an object, got ${kind(spec)}`);
   checkStitchPlacement(spec.stitches, L, 'stitchedCreate: spec');
   if (spec.expertStream !== 'projected' && spec.expertStream !== 'unchanged')

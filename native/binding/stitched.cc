@@ -17,7 +17,8 @@
 // Hub and expert weights are taken as engine.cc takes a model's: Float32Array, Uint16Array (bf16
 // bits) or mapped tensors ({file, offset, dtype, length} from mapFile; the model shares the mappings).
 // The config parser, the weight binder, the argument checks, the worker and the cache face are those
-// of llama_args.h, shared with engine.cc. Stitch tensors and their gradients are Float32Arrays.
+// of llama_args.h, shared with engine.cc; the spec parser is stitched_args.h's, shared with the CUDA
+// engine's binding. Stitch tensors and their gradients are Float32Arrays.
 //
 // Built also with -DBTS_ONLY_OPS (which drops native/engine/): the body is then empty.
 #ifndef BTS_ONLY_OPS_BUILD
@@ -34,6 +35,7 @@
 #include "../engine/stitched.h"
 #include "bts/common.h"
 #include "llama_args.h"
+#include "stitched_args.h"
 
 namespace {
 
@@ -139,36 +141,8 @@ void StitchedWrap::Init(const Napi::CallbackInfo& info) {
   const std::vector<TensorSpec> specs = bts::engine::tensor_specs(c);
 
   // spec
-  if (!info[3].IsObject() || info[3].IsArray())
-    throw make_error(env, "E_ARGUMENT", "stitchedCreate: spec must be an object {stitches, expertStream, hubBias, gateDropout}, got " + describe(info[3]));
-  Napi::Object so = info[3].As<Napi::Object>();
-  bts::engine::StitchSpec spec;
-  Napi::Value sv = so.Get("stitches");
-  if (!sv.IsArray()) throw make_error(env, "E_ARGUMENT", "stitchedCreate: spec.stitches must be an array, got " + describe(sv));
-  Napi::Array sa = sv.As<Napi::Array>();
-  for (uint32_t k = 0; k < sa.Length(); k++) {
-    const std::string where = "stitchedCreate: spec.stitches[" + std::to_string(k) + "]";
-    Napi::Value e = sa.Get(k);
-    if (!e.IsObject()) throw make_error(env, "E_ARGUMENT", where + " must be an object {afterBlock, type}, got " + describe(e));
-    Napi::Object eo = e.As<Napi::Object>();
-    bts::engine::StitchPoint p;
-    p.after_block = int_arg(env, eo.Get("afterBlock"), where + ".afterBlock", 1, c.L);
-    Napi::Value ty = eo.Get("type");
-    const std::string ts = ty.IsString() ? ty.As<Napi::String>().Utf8Value() : "";
-    if (ts == "eh") p.type = bts::engine::StitchType::EH;
-    else if (ts == "he") p.type = bts::engine::StitchType::HE;
-    else throw make_error(env, "E_ARGUMENT", where + ".type must be 'eh' or 'he', got " + describe(ty));
-    spec.stitches.push_back(p);
-  }
-  Napi::Value es = so.Get("expertStream");
-  const std::string ess = es.IsString() ? es.As<Napi::String>().Utf8Value() : "";
-  if (ess != "projected" && ess != "unchanged")
-    throw make_error(env, "E_ARGUMENT", "stitchedCreate: spec.expertStream must be 'projected' or 'unchanged', got " + describe(es));
-  spec.projected = ess == "projected";
-  spec.hub_bias = float(num_arg(env, so.Get("hubBias"), "stitchedCreate: spec.hubBias"));
-  spec.gate_dropout = float(num_arg(env, so.Get("gateDropout"), "stitchedCreate: spec.gateDropout"));
+  const bts::engine::StitchSpec spec = parse_stitch_spec(env, info[3], c.L, "stitchedCreate");
   const int64_t K = int64_t(spec.stitches.size());
-  if (K < 1) throw make_error(env, "E_ARGUMENT", "stitchedCreate: spec.stitches must hold at least one stitch");
 
   // experts
   if (!info[2].IsArray()) throw make_error(env, "E_ARGUMENT", "stitchedCreate: experts must be an array of weight objects, got " + describe(info[2]));
@@ -181,16 +155,8 @@ void StitchedWrap::Init(const Napi::CallbackInfo& info) {
   K_ = K;
 
   // stitch weights and grads: name -> Float32Array
-  struct Slot {
-    std::string name;
-    int64_t k, e;  // e = -1: gate
-    int64_t numel;
-  };
-  std::vector<Slot> slots;
-  for (int64_t k = 0; k < K; k++) {
-    for (int64_t e = 0; e < n; e++) slots.push_back({"stitch." + std::to_string(k) + ".proj." + std::to_string(e) + ".weight", k, e, D * D});
-    slots.push_back({"stitch." + std::to_string(k) + ".gate.weight", k, -1, D * M * D});
-  }
+  using Slot = bts::engine::StitchTensor;  // the format's table (stitched.h)
+  const std::vector<Slot> slots = bts::engine::stitch_tensors(D, n, K);
   auto find_slot = [&](const std::string& name) -> const Slot* {
     for (const Slot& s : slots)
       if (s.name == name) return &s;

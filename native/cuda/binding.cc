@@ -12,6 +12,8 @@
 //   callOp(name, tensors, scalars) / callOpAsync(...)  as the CPU addon's
 //   llamaCreate(config, weights, options)  the device-resident Llama engine (native/cuda/engine/,
 //                binding in engine/binding.cc; lib/engine/cuda-native.ts is its typed face)
+//   stitchedCreate(config, hub, experts, spec, weights, options)  the stitched model on the device
+//                (engine/stitched.cu, binding engine/stitched_binding.cc; lib/engine/cuda-stitched.ts)
 //
 // The op-level path: a call checks its arguments with the SAME code as the CPU addon (bts::check_call
 // and the parse_<op> functions of bts/op_args.h, run on the host call before anything is allocated),
@@ -314,6 +316,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("callOp", Napi::Function::New(env, CallOp));
   exports.Set("callOpAsync", Napi::Function::New(env, CallOpAsync));
   bts::cuda::register_llama(env, exports);  // llamaCreate: the device-resident engine (engine/binding.cc)
+  bts::cuda::register_stitched(env, exports);  // stitchedCreate: the stitched model (engine/stitched_binding.cc)
   return exports;
 }
 

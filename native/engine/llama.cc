@@ -120,6 +120,26 @@ void bind_weight(ModelWeights& m, const TensorSpec& s, Weight w) {
   }
 }
 
+Weight weight_of(const ModelWeights& m, const TensorSpec& s) {
+  const LayerWeights* l = s.layer >= 0 ? &m.layers.at(size_t(s.layer)) : nullptr;
+  Weight w;
+  switch (s.kind) {
+    case TensorSpec::kEmbed: w = m.embed; break;
+    case TensorSpec::kInNorm: w.f32 = l->in_norm; break;
+    case TensorSpec::kWq: w = l->wq; break;
+    case TensorSpec::kWk: w = l->wk; break;
+    case TensorSpec::kWv: w = l->wv; break;
+    case TensorSpec::kWo: w = l->wo; break;
+    case TensorSpec::kPostNorm: w.f32 = l->post_norm; break;
+    case TensorSpec::kGate: w = l->w_gate; break;
+    case TensorSpec::kUp: w = l->w_up; break;
+    case TensorSpec::kDown: w = l->w_down; break;
+    case TensorSpec::kNorm: w.f32 = m.norm; break;
+    case TensorSpec::kLmHead: w = m.lm_head; break;
+  }
+  return w;
+}
+
 void bind_grad(ModelGrads& g, const TensorSpec& s, float* p) {
   LayerGrads* l = s.layer >= 0 ? &g.layers.at(size_t(s.layer)) : nullptr;
   switch (s.kind) {

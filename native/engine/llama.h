@@ -218,6 +218,9 @@ std::vector<TensorSpec> tensor_specs(const LlamaConfig& c);
 // Sets the weight / gradient a spec names (norm specs take w.f32). `m` / `g` must have c.L layers.
 void bind_weight(ModelWeights& m, const TensorSpec& s, Weight w);
 void bind_grad(ModelGrads& g, const TensorSpec& s, float* p);
+// The weight a spec names (the inverse of bind_weight; norm specs come back in .f32). `m` must have
+// c.L layers.
+Weight weight_of(const ModelWeights& m, const TensorSpec& s);
 
 // ---------------------------------------------------------------------------------------------------
 // KV cache bookkeeping, backend-neutral: the slots, the capacity and a length per slot (what the

@@ -47,21 +47,9 @@ std::string S(int64_t x) { return std::to_string(x); }
 
 int64_t align16(int64_t n) { return (n + 15) & ~int64_t(15); }
 
-// splitmix64 finaliser: the dropout mask's hash.
-inline uint64_t mix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
-// Per-stitch key of the dropout mask; entry i is dropped when mix64(key + i) < threshold.
-inline uint64_t dropout_key(uint64_t seed, int64_t k) { return mix64(seed ^ mix64(0x632be59bd9b4e019ull * uint64_t(k + 1))); }
-
-inline uint64_t dropout_threshold(float p) {
-  if (!(p > 0.f)) return 0;
-  return uint64_t(std::ldexp(double(p), 64));  // p < 1 so this stays below 2^64
-}
+inline uint64_t mix64(uint64_t z) { return stitch_mix64(z); }
+inline uint64_t dropout_key(uint64_t seed, int64_t k) { return stitch_dropout_key(seed, k); }
+inline uint64_t dropout_threshold(float p) { return stitch_dropout_threshold(p); }
 
 // Zeroes the entries of x [rows, cols] (rows starting at global row r0) that the mask drops.
 void apply_mask(float* x, int64_t rows, int64_t cols, uint64_t key, uint64_t threshold) {
@@ -102,6 +90,55 @@ struct Arena {
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------
+// Backend-neutral pieces (stitched.h).
+
+StitchPlan plan_stitches(const LlamaConfig& c, int64_t n, const StitchSpec& spec) {
+  if (n < 1 || n > kMaxExperts) fail("E_ARGUMENT", "stitched: the number of experts must be in 1.." + S(kMaxExperts) + ", got " + S(n));
+  if (c.D * (n + 1) > (int64_t(1) << 31)) fail("E_ARGUMENT", "stitched: hiddenSize * (experts + 1) is too large");
+  StitchPlan p;
+  p.n = n, p.M = n + 1, p.L = c.L;
+  p.K = int64_t(spec.stitches.size());
+  if (p.K < 1 || p.K > p.L) fail("E_ARGUMENT", "stitched: the number of stitches must be in 1..numHiddenLayers (" + S(p.L) + "), got " + S(p.K));
+  p.stitch_at.assign(size_t(p.L + 1), -1);
+  int64_t prev = 0;
+  for (int64_t k = 0; k < p.K; k++) {
+    const StitchPoint& s = spec.stitches[size_t(k)];
+    if (s.after_block < 1 || s.after_block > p.L)
+      fail("E_ARGUMENT", "stitched: stitches[" + S(k) + "].afterBlock must be in 1.." + S(p.L) + ", got " + S(s.after_block));
+    if (s.after_block <= prev)
+      fail("E_ARGUMENT", "stitched: stitches[" + S(k) + "].afterBlock " + S(s.after_block) + " must be greater than the previous one (" + S(prev) + ")");
+    if (s.type != StitchType::EH && s.type != StitchType::HE) fail("E_ARGUMENT", "stitched: stitches[" + S(k) + "].type is invalid");
+    prev = s.after_block;
+    p.stitch_at[size_t(s.after_block)] = k;
+    if (s.type == StitchType::EH) p.last_eh = s.after_block;
+  }
+  if (!std::isfinite(spec.hub_bias)) fail("E_ARGUMENT", "stitched: hubBias must be finite, got " + std::to_string(spec.hub_bias));
+  if (!(spec.gate_dropout >= 0.f && spec.gate_dropout < 1.f))
+    fail("E_ARGUMENT", "stitched: gateDropout must be in [0, 1), got " + std::to_string(spec.gate_dropout));
+  return p;
+}
+
+int64_t StitchPlan::first_trained(const StitchSpec& spec, const std::vector<bool>& trained) const {
+  for (int64_t k = 0; k < K; k++)
+    if (trained[size_t(k)] && active(spec, k)) return k;
+  return K;
+}
+
+std::vector<StitchTensor> stitch_tensors(int64_t D, int64_t n, int64_t K) {
+  std::vector<StitchTensor> out;
+  for (int64_t k = 0; k < K; k++) {
+    for (int64_t e = 0; e < n; e++) out.push_back({"stitch." + S(k) + ".proj." + S(e) + ".weight", k, e, D * D});
+    out.push_back({"stitch." + S(k) + ".gate.weight", k, -1, D * (n + 1) * D});
+  }
+  return out;
+}
+
+uint64_t stitch_dropout_threshold(float p) {
+  if (!(p > 0.f)) return 0;
+  return uint64_t(std::ldexp(double(p), 64));  // p < 1 so this stays below 2^64
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Cache.
 
 StitchedCache::StitchedCache(const LlamaConfig& c, int64_t models, int64_t slots, int64_t capacity) {
@@ -130,10 +167,9 @@ StitchedModel::StitchedModel(const LlamaConfig& c, const ModelWeights& hub, cons
     : c_(c), hub_(hub), experts_(experts), spec_(spec), w_(w) {
   validate_config(c);
   n_ = int64_t(experts.size());
-  if (n_ < 1 || n_ > kMaxExperts) fail("E_ARGUMENT", "stitched: the number of experts must be in 1.." + S(kMaxExperts) + ", got " + S(n_));
+  const StitchPlan plan = plan_stitches(c, n_, spec);  // n, D*M and the spec (E_ARGUMENT)
   M_ = n_ + 1;
   L_ = c.L;
-  if (c.D * M_ > (int64_t(1) << 31)) fail("E_ARGUMENT", "stitched: hiddenSize * (experts + 1) is too large");
   // Every model's weights as the engine checks them (present, one dtype per matrix, fp32 norms).
   auto check_model = [&](ModelWeights& m, const std::string& who) {
     try {
@@ -146,25 +182,10 @@ StitchedModel::StitchedModel(const LlamaConfig& c, const ModelWeights& hub, cons
   check_model(hub_, "hub");
   for (int64_t e = 0; e < n_; e++) check_model(experts_[size_t(e)], "expert " + S(e));
 
-  // Spec.
-  K_ = int64_t(spec.stitches.size());
-  if (K_ < 1 || K_ > L_) fail("E_ARGUMENT", "stitched: the number of stitches must be in 1..numHiddenLayers (" + S(L_) + "), got " + S(K_));
-  stitch_at_.assign(size_t(L_ + 1), -1);
-  int64_t prev = 0;
-  for (int64_t k = 0; k < K_; k++) {
-    const StitchPoint& s = spec.stitches[size_t(k)];
-    if (s.after_block < 1 || s.after_block > L_)
-      fail("E_ARGUMENT", "stitched: stitches[" + S(k) + "].afterBlock must be in 1.." + S(L_) + ", got " + S(s.after_block));
-    if (s.after_block <= prev)
-      fail("E_ARGUMENT", "stitched: stitches[" + S(k) + "].afterBlock " + S(s.after_block) + " must be greater than the previous one (" + S(prev) + ")");
-    if (s.type != StitchType::EH && s.type != StitchType::HE) fail("E_ARGUMENT", "stitched: stitches[" + S(k) + "].type is invalid");
-    prev = s.after_block;
-    stitch_at_[size_t(s.after_block)] = k;
-    if (s.type == StitchType::EH) last_eh_ = s.after_block;
-  }
-  if (!std::isfinite(spec.hub_bias)) fail("E_ARGUMENT", "stitched: hubBias must be finite, got " + std::to_string(spec.hub_bias));
-  if (!(spec.gate_dropout >= 0.f && spec.gate_dropout < 1.f))
-    fail("E_ARGUMENT", "stitched: gateDropout must be in [0, 1), got " + std::to_string(spec.gate_dropout));
+  // Spec (validated by plan_stitches).
+  K_ = plan.K;
+  stitch_at_ = plan.stitch_at;
+  last_eh_ = plan.last_eh;
 
   // Stitch weights.
   if (int64_t(w_.proj.size()) != K_ || int64_t(w_.gate.size()) != K_)
@@ -184,20 +205,21 @@ StitchedModel::StitchedModel(const LlamaConfig& c, const ModelWeights& hub, cons
   for (int64_t k = 0; k < K_; k++)
     if (int64_t(g_.proj[size_t(k)].size()) != n_)
       fail("E_ARGUMENT", "stitched: stitch " + S(k) + " has " + S(int64_t(g_.proj[size_t(k)].size())) + " projection gradients, expected " + S(n_));
-  first_trained_ = K_;
-  trainable_any_ = false;
-  for (int64_t k = K_ - 1; k >= 0; k--) {
+  std::vector<bool> trained(size_t(K_), false);
+  for (int64_t k = 0; k < K_; k++) {
     bool any = g_.gate[size_t(k)] != nullptr;
     for (float* p : g_.proj[size_t(k)]) any = any || p != nullptr;
-    if (!any) continue;
-    trainable_any_ = true;
-    if (active(k)) first_trained_ = k;
+    trained[size_t(k)] = any;
+    trainable_any_ = trainable_any_ || any;
   }
+  first_trained_ = plan.first_trained(spec_, trained);
 }
 
 bool StitchedModel::active(int64_t k) const {
-  const StitchPoint& s = spec_.stitches[size_t(k)];
-  return s.type == StitchType::EH || s.after_block < last_eh_;
+  const StitchSpec& sp = spec_;
+  StitchPlan p;
+  p.last_eh = last_eh_;
+  return p.active(sp, k);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -261,8 +283,6 @@ void StitchedModel::stitch_inplace(int64_t k, int64_t rows, float* x0, float*& x
   }
 }
 
-namespace {
-
 // out [rows, M] (row stride ld): the mean over the D dims of stitch gates from logits G [rows, D*M].
 void gate_means(const float* G, int64_t rows, int64_t D, int64_t M, bool eh, float* out, int64_t ld) {
   parallel_for(rows, 1, [&](int64_t r0, int64_t r1, int) {
@@ -286,8 +306,6 @@ void gate_means(const float* G, int64_t rows, int64_t D, int64_t M, bool eh, flo
     }
   });
 }
-
-}  // namespace
 
 // ---------------------------------------------------------------------------------------------------
 // Forward without saving (loss, logits, gates).

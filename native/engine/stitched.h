@@ -63,6 +63,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "llama.h"
@@ -95,6 +96,59 @@ struct StitchGrads {
   std::vector<std::vector<float*>> proj;  // [K][n] (may be empty: all frozen)
   std::vector<float*> gate;               // [K] (may be empty)
 };
+
+// ---------------------------------------------------------------------------------------------------
+// Backend-neutral pieces, shared with the CUDA stitched engine (native/cuda/engine/stitched_cuda.h):
+// the spec's validation and placement facts, the stitch tensor table, the gate-dropout hash and the
+// gate record. One definition, so both engines accept the same input, word errors the same way and
+// drop the same gate logits.
+
+// The placement of a validated spec over L blocks.
+struct StitchPlan {
+  int64_t n = 0, M = 0, K = 0, L = 0;  // experts, models (n + 1), stitches, blocks
+  std::vector<int64_t> stitch_at;      // [L+1]: stitch index after block j, or -1
+  int64_t last_eh = 0;                 // block of the last E->H stitch (0: none); expert blocks after it never run
+  // Whether stitch k changes anything the hub's output depends on: every E->H stitch, and an H->E
+  // stitch below the last E->H one.
+  bool active(const StitchSpec& spec, int64_t k) const {
+    const StitchPoint& s = spec.stitches[size_t(k)];
+    return s.type == StitchType::EH || s.after_block < last_eh;
+  }
+  // The lowest ACTIVE stitch with some trained tensor (trained[k]); K when none.
+  int64_t first_trained(const StitchSpec& spec, const std::vector<bool>& trained) const;
+};
+// Validates n (1..4096, D*(n+1) bounded) and the spec (K in 1..L, after_block in 1..L strictly
+// increasing, type, hub_bias finite, gate_dropout in [0, 1)); E_ARGUMENT prefixed "stitched: ".
+StitchPlan plan_stitches(const LlamaConfig& c, int64_t n, const StitchSpec& spec);
+
+// One stitch tensor of the format (docs/FORMAT.md): `stitch.{k}.proj.{e}.weight` [D, D] (e >= 0) or
+// `stitch.{k}.gate.weight` [D*M, D] (e = -1). stitch_tensors lists them stitch by stitch, the
+// projections of a stitch before its gate.
+struct StitchTensor {
+  std::string name;
+  int64_t k = 0, e = -1;
+  int64_t numel = 0;
+};
+std::vector<StitchTensor> stitch_tensors(int64_t D, int64_t n, int64_t K);
+
+// The gate-dropout hash (splitmix64 finaliser) and mask: entry i (= row * D*M + col) of stitch k's
+// learned logits is dropped when stitch_mix64(stitch_dropout_key(seed, k) + i) < threshold. constexpr
+// so that device code (nvcc --expt-relaxed-constexpr, and the emulator) calls the same definition.
+constexpr uint64_t stitch_mix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+constexpr uint64_t stitch_dropout_key(uint64_t seed, int64_t k) {
+  return stitch_mix64(seed ^ stitch_mix64(0x632be59bd9b4e019ull * uint64_t(k + 1)));
+}
+// p * 2^64 (0 when p <= 0: no dropout); p < 1.
+uint64_t stitch_dropout_threshold(float p);
+
+// out [rows, M] (row stride ld): the mean over the D dims of stitch gates from logits G [rows, D*M]
+// (E->H: softmax weights; H->E: sigmoids of slots m >= 1, 0 at m = 0). Host arrays, in double.
+void gate_means(const float* G, int64_t rows, int64_t D, int64_t M, bool eh, float* out, int64_t ld);
 
 // The KV caches of a stitched model: one engine KvCache per model (hub first), all of the same slots
 // and capacity, advanced together (the hub's lengths are the truth).

@@ -1,6 +1,7 @@
-// cuda/engine/binding.h: what the CUDA addon's two translation units share: native/cuda/binding.cc
-// (probe, ops, device selection) calls register_llama() from its Init, and the engine binding
-// (native/cuda/engine/binding.cc) asks addon_device() for the device the addon uses.
+// cuda/engine/binding.h: what the CUDA addon's translation units share: native/cuda/binding.cc (probe,
+// ops, device selection) calls register_llama() and register_stitched() from its Init, and the engine
+// bindings (native/cuda/engine/binding.cc, stitched_binding.cc) ask addon_device() for the device the
+// addon uses.
 #pragma once
 #include <napi.h>
 
@@ -13,6 +14,9 @@ int addon_device();
 
 // Adds llamaCreate to the addon's exports (the classes CudaLlama and CudaKvCache).
 void register_llama(Napi::Env env, Napi::Object exports);
+
+// Adds stitchedCreate to the addon's exports (the class CudaStitched; stitched_binding.cc).
+void register_stitched(Napi::Env env, Napi::Object exports);
 
 }  // namespace cuda
 }  // namespace bts

@@ -123,22 +123,7 @@ CudaLlamaModel::CudaLlamaModel(const LlamaConfig& c, const ModelWeights& host, c
   std::vector<const float*> src(specs_.size(), nullptr);
   for (size_t i = 0; i < specs_.size(); i++) {
     const TensorSpec& sp = specs_[i];
-    const LayerWeights* l = sp.layer >= 0 ? &host.layers[size_t(sp.layer)] : nullptr;
-    bts::engine::Weight w;
-    switch (sp.kind) {
-      case TensorSpec::kEmbed: w = host.embed; break;
-      case TensorSpec::kInNorm: w.f32 = l->in_norm; break;
-      case TensorSpec::kWq: w = l->wq; break;
-      case TensorSpec::kWk: w = l->wk; break;
-      case TensorSpec::kWv: w = l->wv; break;
-      case TensorSpec::kWo: w = l->wo; break;
-      case TensorSpec::kPostNorm: w.f32 = l->post_norm; break;
-      case TensorSpec::kGate: w = l->w_gate; break;
-      case TensorSpec::kUp: w = l->w_up; break;
-      case TensorSpec::kDown: w = l->w_down; break;
-      case TensorSpec::kNorm: w.f32 = host.norm; break;
-      case TensorSpec::kLmHead: w = host.lm_head; break;
-    }
+    const bts::engine::Weight w = bts::engine::weight_of(host, sp);
     if (w.b16) fail("E_UNSUPPORTED", "cuda llama: weight " + sp.name + " is bf16; the CUDA engine takes fp32 weights only (Float32Array)");
     if (!w.f32) fail("E_ARGUMENT", "cuda llama: weight " + sp.name + " is missing");
     src[i] = w.f32;
