@@ -56,7 +56,8 @@
 // identical on the test machine). BTS_STITCH_GROUP=0 / 1 forces either (read at every call: a test
 // and benchmark hook).
 //
-// Known limits: CPU only; the models must share one LlamaConfig (the binding checks every weight's
+// Known limits: CPU only (the CUDA engine's stitched model, native/cuda/engine/stitched_cuda.h, shares
+// the backend-neutral pieces below); the models must share one LlamaConfig (the binding checks every weight's
 // length against it); frozen models only (no gradient for hub or expert weights); gate dropout only in
 // forward_backward (loss / logits / decode / gates are inference: no dropout); a StitchedCache holds
 // all L layers for every expert, also those after the last E->H stitch that never run.
