@@ -20,11 +20,23 @@
  *
  * Modularity: removeExpert(e) drops expert e's projections and gate rows (the model still runs);
  * addExpert(model) adds slices initialised by the init rule, optionally training only those.
+ *
+ * Device (`device: 'cpu' | 'cuda' | 'auto'`, default the process default of lib/device.ts, as
+ * LlamaModel): 'cpu' runs the native stitched engine over the arrays in place; 'cuda' the
+ * device-resident CUDA stitched model (lib/engine/cuda-stitched.ts). On CUDA the host arrays stay the
+ * master copy: the hub, experts and stitches are copied to the device when the engine is created, the
+ * stitches again before the next call after {@link StitchedModel.syncPrecisionCopies} (the trainer
+ * calls it after every optimizer step); the device gradient sum is copied into {@link grads} after
+ * every forwardBackward and zeroed by {@link StitchedModel.zeroGrad}. KV-cached generation is CPU-only:
+ * on CUDA createCache / prefill / decode throw UnsupportedFeatureError (use setDevice('cpu') to
+ * generate).
  */
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { ArgumentError, DisposedError, FormatError, ShapeError } from '../errors.js';
+import { checkDevice, resolveDevice, type Device } from '../device.js';
+import { cudaStitchedCreate, type CudaStitched } from '../engine/cuda-stitched.js';
+import { ArgumentError, DisposedError, FormatError, ShapeError, UnsupportedFeatureError } from '../errors.js';
 import { writeFileAtomic } from '../formats/atomic.js';
 import { openSafetensors, writeSafetensorsAsync, type TensorToWrite } from '../formats/safetensors.js';
 import { stitchedCreate, type NativeStitched } from '../engine/stitched-native.js';
@@ -55,6 +67,8 @@ export interface StitchOptions {
   seed?: number;
   /** Names of the experts (default expert-0, expert-1, ...). */
   expertNames?: string[];
+  /** Where the stitched engine runs: 'cpu', 'cuda' or 'auto'. Default: the process default (lib/device.ts). */
+  device?: Device;
 }
 
 /** The manifest `stitch.json` (docs/FORMAT.md). */
@@ -127,6 +141,12 @@ export class StitchedModel implements CausalDecoder {
   trainableRanges: [number, number][] | null = null;
   private handle: NativeStitched | null = null;
   private disposed = false;
+  /** The device asked for (undefined: the process default), resolved on first use. */
+  private deviceChoice: Device | undefined = undefined;
+  private resolvedDevice: 'cpu' | 'cuda' | null = null;
+  /** CUDA engine: the host stitches changed since the last upload / the device gradients must be zeroed. */
+  private cudaWeightsStale = false;
+  private cudaGradsStale = false;
   /** True when this object loaded its hub and experts itself (StitchedModel.load): dispose() frees them. */
   private ownsMembers = false;
 
@@ -172,6 +192,7 @@ export class StitchedModel implements CausalDecoder {
     if (init !== 'identity-zero' && init !== 'random') throw new ArgumentError(`StitchedModel: init must be 'identity-zero' or 'random', got '${String(init)}'`);
     const m = new StitchedModel(hub, experts, names, placement, { expertStream: options.expertStream ?? 'projected', hubBias: options.hubBias ?? 0, gateDropout: options.gateDropout ?? 0, seed: options.seed ?? 0, init }, null);
     m.initSlices(m.tensors, init, options.seed ?? 0);
+    if (options.device !== undefined) m.setDevice(options.device);
     return m;
   }
 
@@ -179,7 +200,7 @@ export class StitchedModel implements CausalDecoder {
    * Loads `dir/stitch.json` + `dir/stitches.safetensors` and the hub and experts it names (frozen,
    * bf16 or f32 as stored, memory-mapped). Refuses a manifest whose models' weights changed.
    */
-  static async load(dir: string, options: { dtype?: 'f32' | 'bf16'; verifyHashes?: boolean } = {}): Promise<StitchedModel> {
+  static async load(dir: string, options: { dtype?: 'f32' | 'bf16'; verifyHashes?: boolean; device?: Device } = {}): Promise<StitchedModel> {
     const man = readManifest(dir);
     const resolve = (p: string): string => path.resolve(dir, p);
     if (options.verifyHashes !== false) {
@@ -202,6 +223,7 @@ export class StitchedModel implements CausalDecoder {
       m.params.set(st.getF32(t.name), t.offset);
     }
     for (const name of st.tensors.keys()) if (!m.tensors.some((t) => t.name === name)) throw new FormatError(`${dir}/stitches.safetensors: unexpected tensor '${name}'`);
+    if (options.device !== undefined) m.setDevice(options.device);
     return m;
   }
 
@@ -258,12 +280,15 @@ export class StitchedModel implements CausalDecoder {
 
   zeroGrad(): void {
     this.grads.fill(0);
+    if (this.handle && this.resolvedDevice === 'cuda') this.cudaGradsStale = true;
   }
 
   /** Forward and backward on the hub's next-token loss; stitch gradients ACCUMULATE. `step` seeds gate dropout. */
   async forwardBackward(inputs: Int32Array, targets: Int32Array, B: number, T: number, gradScale: number, step = 0): Promise<{ lossSum: number; count: number }> {
     this.checkBatch(inputs, targets, B, T);
-    const r = await this.engine().forwardBackward(inputs, targets, B, T, gradScale, this.seed * 1_000_003 + step);
+    const engine = await this.ready();
+    const r = await engine.forwardBackward(inputs, targets, B, T, gradScale, this.seed * 1_000_003 + step);
+    if (this.resolvedDevice === 'cuda') await (engine as CudaStitched).downloadGrads(this.views(this.grads));
     if (this.trainableRanges) {
       // Zero the gradient outside the trainable slices (train only new experts' slices).
       let pos = 0;
@@ -279,7 +304,7 @@ export class StitchedModel implements CausalDecoder {
 
   async loss(inputs: Int32Array, targets: Int32Array, B: number, T: number, losses: Float32Array | null = null): Promise<{ lossSum: number; count: number }> {
     this.checkBatch(inputs, targets, B, T);
-    return this.engine().loss(inputs, targets, B, T, losses);
+    return (await this.ready()).loss(inputs, targets, B, T, losses);
   }
 
   /** Hub logits of every position [B*T, V]. */
@@ -287,7 +312,7 @@ export class StitchedModel implements CausalDecoder {
     checkTokens('tokens', tokens, this.vocabSize);
     if (tokens.length !== B * T) throw new ShapeError(`logits: tokens has ${tokens.length} elements, expected B*T = ${B * T}`);
     const out = new Float32Array(B * T * this.vocabSize);
-    await this.engine().logits(tokens, B, T, out);
+    await (await this.ready()).logits(tokens, B, T, out);
     return out;
   }
 
@@ -302,7 +327,7 @@ export class StitchedModel implements CausalDecoder {
   async gates(tokens: Int32Array): Promise<Float32Array> {
     checkTokens('tokens', tokens, this.vocabSize);
     const out = new Float32Array(this.placement.length * tokens.length * (this.experts.length + 1));
-    await this.engine().gates(tokens, out);
+    await (await this.ready()).gates(tokens, out);
     return out;
   }
 
@@ -351,6 +376,7 @@ export class StitchedModel implements CausalDecoder {
     if (this.experts.length === 1) throw new ArgumentError('removeExpert: cannot remove the only expert');
     const keep = this.experts.map((_, i) => i).filter((i) => i !== e);
     const m = new StitchedModel(this.hub, keep.map((i) => this.experts[i]), keep.map((i) => this.expertNames[i]), this.placement, this.opts(), null);
+    m.deviceChoice = this.deviceChoice;
     const D = this.hub.config.hiddenSize;
     const Mold = this.experts.length + 1;
     const Mnew = Mold - 1;
@@ -379,6 +405,7 @@ export class StitchedModel implements CausalDecoder {
     if (this.expertNames.includes(name)) throw new ArgumentError(`addExpert: an expert named '${name}' already exists`);
     const n = this.experts.length;
     const m = new StitchedModel(this.hub, [...this.experts, model], [...this.expertNames, name], this.placement, this.opts(), null);
+    m.deviceChoice = this.deviceChoice;
     const D = this.hub.config.hiddenSize;
     const ranges: [number, number][] = [];
     for (const t of m.tensors) {
@@ -408,22 +435,83 @@ export class StitchedModel implements CausalDecoder {
     return this.params.subarray(t.offset, t.offset + t.length);
   }
 
-  /** The native handle (created on first use). */
+  /**
+   * Where the engine runs: 'cpu' or 'cuda' (resolving the choice on first use; 'auto' without a usable
+   * GPU resolves to 'cpu', saying why once on stderr; 'cuda' without one throws DeviceUnavailableError).
+   */
+  get device(): 'cpu' | 'cuda' {
+    this.checkAlive();
+    this.resolvedDevice ??= resolveDevice(this.deviceChoice);
+    return this.resolvedDevice;
+  }
+
+  /**
+   * Moves the engine to another device (the next call creates it there; nothing is lost: the host
+   * arrays are the master copy). Caches made on the old engine are invalid afterwards.
+   */
+  setDevice(device: Device): void {
+    this.checkAlive();
+    checkDevice(device, 'setDevice: device');
+    this.handle?.dispose();
+    this.handle = null;
+    this.deviceChoice = device;
+    this.resolvedDevice = null;
+  }
+
+  /**
+   * Call after changing {@link params} in place (the trainer does, after every optimizer step): on
+   * CUDA it marks the device copy of the stitches for upload before the next engine call (the CPU
+   * engine reads the arrays in place: nothing to do).
+   */
+  syncPrecisionCopies(): void {
+    if (this.handle && this.resolvedDevice === 'cuda') this.cudaWeightsStale = true;
+  }
+
+  /** Views of a flat stitch buffer (params or grads) by stitch tensor name. */
+  private views(flat: Float32Array): Record<string, Float32Array> {
+    const out: Record<string, Float32Array> = {};
+    for (const t of this.tensors) out[t.name] = flat.subarray(t.offset, t.offset + t.length);
+    return out;
+  }
+
+  /** The engine, with the CUDA copy of the stitches and gradients brought up to date. */
+  private async ready(): Promise<NativeStitched> {
+    const engine = this.engine();
+    if (this.resolvedDevice !== 'cuda') return engine;
+    const cuda = engine as CudaStitched;
+    if (this.cudaWeightsStale) {
+      await cuda.uploadWeights(this.views(this.params));
+      this.cudaWeightsStale = false;
+    }
+    if (this.cudaGradsStale) {
+      await cuda.zeroGrads();
+      this.cudaGradsStale = false;
+    }
+    return cuda;
+  }
+
+  /** The native handle (created on first use, on {@link device}). */
   engine(): NativeStitched {
     this.checkAlive();
     if (this.handle) return this.handle;
-    const weights: Record<string, Float32Array> = {};
-    const grads: Record<string, Float32Array> = {};
-    for (const t of this.tensors) {
-      weights[t.name] = this.params.subarray(t.offset, t.offset + t.length);
-      grads[t.name] = this.grads.subarray(t.offset, t.offset + t.length);
+    const spec = { stitches: this.placement, expertStream: this.expertStream, hubBias: this.hubBias, gateDropout: this.gateDropout };
+    if (this.device === 'cuda') {
+      // The device gradients start at zero; host gradients that are not would be silently lost.
+      if (this.grads.some((g) => g !== 0)) throw new UnsupportedFeatureError('StitchedModel: the CUDA engine starts from zero gradients but grads holds non-zero values; call zeroGrad() first');
+      const f32 = (m: LlamaModel): Record<string, Float32Array> => Object.fromEntries(Object.keys(m.nativeWeights()).map((name) => [name, m.tensorF32(name)]));
+      this.handle = cudaStitchedCreate(this.hub.config, f32(this.hub), this.experts.map(f32), spec, this.views(this.params), { grads: true });
+      this.cudaWeightsStale = false;
+      this.cudaGradsStale = false;
+      return this.handle;
     }
+    const weights = this.views(this.params);
+    const grads = this.views(this.grads);
     this.handle = stitchedCreate(
       this.hub.config,
       // Mapped members go to the engine as mapped tensors (the model keeps the mappings).
       this.hub.nativeWeights(),
       this.experts.map((e) => e.nativeWeights()),
-      { stitches: this.placement, expertStream: this.expertStream, hubBias: this.hubBias, gateDropout: this.gateDropout },
+      spec,
       weights,
       grads,
     );

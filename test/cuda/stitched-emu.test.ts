@@ -8,12 +8,16 @@
 // every stitch gradient after two accumulated forwardBackward calls, zeroGrads; gate dropout (same
 // seed -> the CPU engine's mask, other seed -> other gradients); a trained subset (only the last
 // stitch); uploadWeights / downloadWeights; bad input through the TypeScript face and the raw addon
-// (typed errors, the model keeps working); generation refused with UnsupportedFeatureError.
+// (typed errors, the model keeps working); generation refused with UnsupportedFeatureError. And the
+// one switch: StitchedModel with device 'cuda' trained by the unchanged Trainer follows the CPU
+// model's loss trajectory to the same stitch parameters; generation on CUDA is refused and works
+// again after setDevice('cpu').
 //
 // Skipped, saying why, when bts_cuda_emu.node is not built ($BTS_CMAKE_BUILD_DIR, default
 // build-cmake; `cmake --build build-cmake --target bts_cuda_emu_node`); in CI a missing build fails.
 // Tolerances: max-abs error relative to the CPU result's largest magnitude, as test/cuda/engine-emu:
-// 2e-5 for logits, loss and gates, 1e-4 for gradients (the measured errors are printed by
+// 2e-5 for logits, loss and gates, 1e-4 for gradients, 5e-4 for parameters and gradients after
+// AdamW training through the Trainer (the measured errors are printed by
 // BTS_TEST_VERBOSE=1 and recorded in docs/CUDA.md).
 import { existsSync } from 'node:fs';
 import { join, resolve } from 'node:path';
@@ -27,6 +31,11 @@ import { f32ToBf16 } from '../../lib/index.js';
 import { stitchTensorNames, type StitchSpec } from '../../lib/stitch/layout.js';
 import { relErr } from '../helpers.js';
 import { batch, config, randomModel, randomStitches, weightsOf } from '../engine/stitched-util.js';
+import { PackedLoader } from '../../lib/data/loader.js';
+import { corpusFromDocuments } from '../../lib/data/tokens.js';
+import { LlamaModel } from '../../lib/model/llama.js';
+import { StitchedModel } from '../../lib/stitch/model.js';
+import { Trainer } from '../../lib/train/trainer.js';
 
 const root = resolve(fileURLToPath(import.meta.url), '..', '..', '..');
 const buildDir = resolve(root, process.env.BTS_CMAKE_BUILD_DIR ?? 'build-cmake');
@@ -36,6 +45,9 @@ const verbose = !!process.env.BTS_TEST_VERBOSE;
 
 const TOL_OUT = 2e-5; // logits, loss, gates
 const TOL_GRAD = 1e-4; // stitch gradients
+// Parameters and gradients after three AdamW steps: AdamW divides by sqrt(v), so rounding in tiny
+// gradients moves a parameter by up to ~lr; compared relative to the largest magnitude.
+const TOL_TRAIN = 5e-4;
 
 const cfg = config({ V: 41, D: 24, F: 40, L: 4, H: 3, Hkv: 1, Dh: 8, maxPos: 16 });
 const V = cfg.vocabSize;
@@ -48,8 +60,8 @@ const experts = [weightsOf(randomModel(cfg, 82)), weightsOf(randomModel(cfg, 83)
 const data = [batch(V, B, T, 91, [2]), batch(V, B, T, 92)];
 
 /** Largest error seen per kind, printed at the end with BTS_TEST_VERBOSE=1. */
-const worst = { out: 0, grad: 0 };
-function within(err: number, tol: number, what: string, kind: 'out' | 'grad'): void {
+const worst = { out: 0, grad: 0, train: 0 };
+function within(err: number, tol: number, what: string, kind: 'out' | 'grad' | 'train'): void {
   worst[kind] = Math.max(worst[kind], err);
   expect(err, what).toBeLessThan(tol);
 }
@@ -149,7 +161,7 @@ for (const path of targets) {
       if (saved === undefined) delete process.env.BTS_CUDA_PATH;
       else process.env.BTS_CUDA_PATH = saved;
       cudaStatus({ refresh: true });
-      if (verbose) console.log(`stitched-emu: max relative error: logits/loss/gates ${worst.out.toExponential(2)}, gradients ${worst.grad.toExponential(2)}`);
+      if (verbose) console.log(`stitched-emu: max relative error: logits/loss/gates ${worst.out.toExponential(2)}, gradients ${worst.grad.toExponential(2)}, after AdamW training ${worst.train.toExponential(2)}`);
     });
 
     cases.forEach((c, ci) => {
@@ -336,6 +348,40 @@ for (const path of targets) {
         gpu.dispose();
       }
       await rejects(gpu.loss(data[0].ids, data[0].targets, B, T), DisposedError, /CudaStitched/);
+    });
+    it("StitchedModel with device 'cuda': the unchanged Trainer follows the CPU trajectory; generation refused, setDevice('cpu') restores it", async () => {
+      const members = (device: 'cpu' | 'cuda') => {
+        const h = LlamaModel.random(cfg, { seed: 61 });
+        const ex = [LlamaModel.random(cfg, { seed: 62 }), LlamaModel.random(cfg, { seed: 63 })];
+        return StitchedModel.create(h, ex, { K: 2, init: 'random', seed: 5, gateDropout: 0.2, hubBias: 0.3, device });
+      };
+      const docs = Array.from({ length: 30 }, (_, d) => Array.from({ length: 20 + (d % 4) }, (_, i) => (d * 7 + i * (1 + (d % 3))) % (V - 1)));
+      const corpus = corpusFromDocuments(docs, V, { eosId: V - 1 });
+      const opts = { data: () => new PackedLoader(corpus, { T: 6, seed: 2 }), batchSize: 2, seqLen: 6, steps: 3, lr: 5e-2, warmupSteps: 1, gradAccumSteps: 2 };
+      const cpu = members('cpu');
+      const gpu = members('cuda');
+      try {
+        expect(gpu.device).toBe('cuda');
+        const init = Float32Array.from(cpu.params);
+        const rc = await Trainer.create(cpu, opts).run();
+        const rg = await Trainer.create(gpu, opts).run();
+        const lc = rc.history.map((h) => h.loss);
+        const lg = rg.history.map((h) => h.loss);
+        for (let i = 0; i < lc.length; i++) within(Math.abs(lg[i] - lc[i]) / Math.abs(lc[i]), TOL_OUT, `loss at step ${i}`, 'out');
+        const moved = cpu.params.reduce((m, x, i) => Math.max(m, Math.abs(x - init[i])), 0);
+        expect(moved, 'training moved the stitches').toBeGreaterThan(1e-3);
+        within(relErr(gpu.params, cpu.params), TOL_TRAIN, 'stitch parameters after training', 'train');
+        within(relErr(gpu.grads, cpu.grads), TOL_TRAIN, 'last gradients', 'train');
+        const t = data[0].ids;
+        within(relErr(await gpu.logits(t, B, T), await cpu.logits(t, B, T)), TOL_OUT, 'logits after training', 'out');
+        expect(() => gpu.createCache(1, 8)).toThrow(UnsupportedFeatureError);
+        gpu.setDevice('cpu');
+        expect(gpu.device).toBe('cpu');
+        gpu.createCache(1, 8).dispose();
+      } finally {
+        cpu.disposeAll();
+        gpu.disposeAll();
+      }
     });
   });
 }
