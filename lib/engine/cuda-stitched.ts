@@ -2,7 +2,8 @@
  * The typed face of the stitched model on the CUDA engine (native/cuda/engine/stitched.cu, binding
  * native/cuda/engine/stitched_binding.cc, in the CUDA addon bts_cuda.node): the same object API as
  * the CPU engine's {@link NativeStitched} (lib/engine/stitched-native.ts) for forwardBackward, loss,
- * logits and gates, so code written against `NativeStitched` trains on either engine; plus what a
+ * logits, gates and KV-cached generation (createCache, prefill, decode: one device KV cache per model,
+ * advanced together), so code written against `NativeStitched` trains and generates on either engine; plus what a
  * device-resident model needs instead of borrowed host arrays: the stitch gradients live on the GPU
  * (accumulated by forwardBackward), {@link CudaStitched.downloadGrads} copies them into host arrays,
  * {@link CudaStitched.zeroGrads} clears them and {@link CudaStitched.uploadWeights} replaces stitch
@@ -14,9 +15,7 @@
  * - fp32 weights only (Float32Array): bf16 (Uint16Array) and mapped weights are refused with
  *   UnsupportedFeatureError. Gradients are chosen with `options.grads` (true, or a list of stitch
  *   tensor names) instead of passed arrays.
- * - No KV-cached generation yet: createCache, prefill and decode throw UnsupportedFeatureError
- *   (the addon does not export them).
- * - The class is named CudaStitched in error messages.
+ * - The classes are named CudaStitched and CudaStitchedCache in error messages.
  *
  * Semantics (stitched.h, shared with the CPU engine): next-token loss on the hub's output, stitch
  * gradients only, the same cost rules and the same gate-dropout mask for the same seed. Layout and
@@ -39,7 +38,6 @@ import {
   posInt,
   sync,
   tensorNumel,
-  type NativeKvCache,
   type NativeLlamaConfig,
   type NativeLossSum,
   type NativeWeight,
@@ -76,8 +74,8 @@ export interface CudaStitched extends NativeStitched {
   deviceBytes(): number;
 }
 
-/** The raw addon surface (stitched_binding.cc): the same methods, unchecked, without caches. */
-type RawCudaStitched = Omit<CudaStitched, 'createCache' | 'prefill' | 'decode'>;
+/** The raw addon surface (stitched_binding.cc): the same methods, unchecked. */
+type RawCudaStitched = CudaStitched;
 type CudaStitchedAddon = CudaAddon & {
   stitchedCreate?: (
     config: NativeLlamaConfig,
@@ -89,9 +87,7 @@ type CudaStitchedAddon = CudaAddon & {
   ) => RawCudaStitched;
 };
 
-const NO_DECODE = 'the CUDA stitched model has no KV-cached generation yet; use the CPU engine (device: "cpu") to generate';
-
-class CheckedCudaStitched extends CheckedModel<RawCudaStitched & Pick<NativeStitched, 'createCache' | 'prefill' | 'decode'>> implements CudaStitched {
+class CheckedCudaStitched extends CheckedModel<RawCudaStitched> implements CudaStitched {
   constructor(
     raw: RawCudaStitched,
     V: number,
@@ -99,8 +95,7 @@ class CheckedCudaStitched extends CheckedModel<RawCudaStitched & Pick<NativeStit
     private readonly M: number,
     private readonly numel: ReadonlyMap<string, number>,
   ) {
-    // createCache / prefill / decode are overridden below and never reach the raw object.
-    super(raw as RawCudaStitched & Pick<NativeStitched, 'createCache' | 'prefill' | 'decode'>, V, 'CudaStitched', 'CudaStitchedCache', 'a stitched cache');
+    super(raw, V, 'CudaStitched', 'CudaStitchedCache', 'a CudaStitchedCache');
   }
 
   get device(): number {
@@ -126,18 +121,6 @@ class CheckedCudaStitched extends CheckedModel<RawCudaStitched & Pick<NativeStit
       f32('CudaStitched.gates: out', out, this.K * tokens.length * this.M, 'K*T*(n+1)');
       return this.raw.gates(tokens, out);
     });
-  }
-
-  override createCache(_slots: number, _capacity: number): NativeKvCache {
-    throw new UnsupportedFeatureError(`CudaStitched.createCache: ${NO_DECODE}`);
-  }
-
-  override prefill(_cache: NativeKvCache, _slot: number, _tokens: Int32Array, _out: Float32Array): Promise<void> {
-    return Promise.reject(new UnsupportedFeatureError(`CudaStitched.prefill: ${NO_DECODE}`));
-  }
-
-  override decode(_cache: NativeKvCache, _slots: Int32Array, _tokens: Int32Array, _out: Float32Array): Promise<void> {
-    return Promise.reject(new UnsupportedFeatureError(`CudaStitched.decode: ${NO_DECODE}`));
   }
 
   gradNames(): string[] {

@@ -27,9 +27,9 @@
  * master copy: the hub, experts and stitches are copied to the device when the engine is created, the
  * stitches again before the next call after {@link StitchedModel.syncPrecisionCopies} (the trainer
  * calls it after every optimizer step); the device gradient sum is copied into {@link grads} after
- * every forwardBackward and zeroed by {@link StitchedModel.zeroGrad}. KV-cached generation is CPU-only:
- * on CUDA createCache / prefill / decode throw UnsupportedFeatureError (use setDevice('cpu') to
- * generate).
+ * every forwardBackward and zeroed by {@link StitchedModel.zeroGrad}. KV-cached generation runs on
+ * either engine (on CUDA the caches live in device memory, one per model); a cache belongs to the
+ * engine that made it (setDevice invalidates it).
  */
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
@@ -355,12 +355,12 @@ export class StitchedModel implements CausalDecoder {
 
   async prefill(cache: DecoderCache, slot: number, tokens: Int32Array, out: Float32Array): Promise<void> {
     checkTokens('tokens', tokens, this.vocabSize);
-    await this.engine().prefill((cache as StitchCache).native, slot, tokens, out);
+    await (await this.ready()).prefill((cache as StitchCache).native, slot, tokens, out);
   }
 
   async decode(cache: DecoderCache, slots: Int32Array, tokens: Int32Array, out: Float32Array): Promise<void> {
     checkTokens('tokens', tokens, this.vocabSize);
-    await this.engine().decode((cache as StitchCache).native, slots, tokens, out);
+    await (await this.ready()).decode((cache as StitchCache).native, slots, tokens, out);
   }
 
   // --- Modularity -------------------------------------------------------------------------------

@@ -141,22 +141,8 @@ uint64_t stitch_dropout_threshold(float p) {
 // ---------------------------------------------------------------------------------------------------
 // Cache.
 
-StitchedCache::StitchedCache(const LlamaConfig& c, int64_t models, int64_t slots, int64_t capacity) {
+void check_cache_models(int64_t models) {
   if (models < 2 || models > kMaxExperts + 1) fail("E_ARGUMENT", "createCache: models must be in 2.." + S(kMaxExperts + 1) + ", got " + S(models));
-  for (int64_t m = 0; m < models; m++) caches_.emplace_back(new KvCache(c, slots, capacity));
-}
-
-void StitchedCache::reset(int64_t slot) { truncate(slot, 0); }
-
-void StitchedCache::truncate(int64_t slot, int64_t length) {
-  caches_[0]->truncate(slot, length);  // validates slot and length
-  for (size_t m = 1; m < caches_.size(); m++) caches_[m]->set_length(slot, length);
-}
-
-size_t StitchedCache::bytes() const {
-  size_t s = 0;
-  for (const auto& c : caches_) s += c->bytes();
-  return s;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -594,7 +580,7 @@ void StitchedModel::prefill(StitchedCache& cache, int64_t slot, const int32_t* t
   segs_.assign(1, prefill_segment(op, cache.model(0), slot, T));
   check_token_ids(c_, op, "tokens", tokens, T, false);
   decode_rows(cache, segs_.data(), 1, tokens, T, T - 1, out);
-  for (int64_t m = 0; m < M_; m++) cache.model(m).set_length(slot, segs_[0].start + T);
+  cache.set_length(slot, segs_[0].start + T);
 }
 
 void StitchedModel::decode(StitchedCache& cache, const int32_t* slots, const int32_t* tokens, int64_t R, float* out) {
@@ -604,8 +590,7 @@ void StitchedModel::decode(StitchedCache& cache, const int32_t* slots, const int
   decode_segments(op, cache.model(0), slots, R, segs_);
   check_token_ids(c_, op, "tokens", tokens, R, false);
   decode_rows(cache, segs_.data(), R, tokens, R, 0, out);
-  for (int64_t r = 0; r < R; r++)
-    for (int64_t m = 0; m < M_; m++) cache.model(m).set_length(segs_[size_t(r)].slot, segs_[size_t(r)].start + 1);
+  for (int64_t r = 0; r < R; r++) cache.set_length(segs_[size_t(r)].slot, segs_[size_t(r)].start + 1);
 }
 
 // ---------------------------------------------------------------------------------------------------

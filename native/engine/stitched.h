@@ -151,23 +151,41 @@ uint64_t stitch_dropout_threshold(float p);
 // (E->H: softmax weights; H->E: sigmoids of slots m >= 1, 0 at m = 0). Host arrays, in double.
 void gate_means(const float* G, int64_t rows, int64_t D, int64_t M, bool eh, float* out, int64_t ld);
 
-// The KV caches of a stitched model: one engine KvCache per model (hub first), all of the same slots
-// and capacity, advanced together (the hub's lengths are the truth).
-class StitchedCache {
+// The KV caches of a stitched model, for either engine's per-model cache Kv (a KvSlots: the CPU
+// engine's KvCache here, the CUDA engine's DeviceKvCache in native/cuda/engine/stitched_cuda.h): one
+// per model (hub first), all of the same slots and capacity, advanced together (the hub's lengths are
+// the truth: its checks validate slot and length, the experts' lengths follow).
+void check_cache_models(int64_t models);  // E_ARGUMENT unless 2 <= models <= 4097 (the experts' bound + 1)
+template <class Kv>
+class ModelCaches {
  public:
-  StitchedCache(const LlamaConfig& c, int64_t models, int64_t slots, int64_t capacity);
+  ModelCaches(const LlamaConfig& c, int64_t models, int64_t slots, int64_t capacity) {
+    check_cache_models(models);
+    for (int64_t m = 0; m < models; m++) caches_.emplace_back(new Kv(c, slots, capacity));
+  }
   int64_t slots() const { return caches_[0]->slots(); }
   int64_t capacity() const { return caches_[0]->capacity(); }
   int64_t models() const { return int64_t(caches_.size()); }
   int64_t length(int64_t slot) const { return caches_[0]->length(slot); }
-  void reset(int64_t slot);
-  void truncate(int64_t slot, int64_t length);
-  KvCache& model(int64_t m) { return *caches_[size_t(m)]; }
-  size_t bytes() const;
+  void reset(int64_t slot) { truncate(slot, 0); }
+  void truncate(int64_t slot, int64_t length) {
+    caches_[0]->truncate(slot, length);  // validates slot and length
+    for (size_t m = 1; m < caches_.size(); m++) caches_[m]->set_length(slot, length);
+  }
+  void set_length(int64_t slot, int64_t length) {  // engine use: after a call wrote every model's rows
+    for (auto& c : caches_) c->set_length(slot, length);
+  }
+  Kv& model(int64_t m) { return *caches_[size_t(m)]; }
+  size_t bytes() const {
+    size_t s = 0;
+    for (const auto& c : caches_) s += c->bytes();
+    return s;
+  }
 
  private:
-  std::vector<std::unique_ptr<KvCache>> caches_;
+  std::vector<std::unique_ptr<Kv>> caches_;
 };
+using StitchedCache = ModelCaches<KvCache>;
 
 class StitchedModel {
  public:

@@ -8,10 +8,11 @@
 // every stitch gradient after two accumulated forwardBackward calls, zeroGrads; gate dropout (same
 // seed -> the CPU engine's mask, other seed -> other gradients); a trained subset (only the last
 // stitch); uploadWeights / downloadWeights; bad input through the TypeScript face and the raw addon
-// (typed errors, the model keeps working); generation refused with UnsupportedFeatureError. And the
-// one switch: StitchedModel with device 'cuda' trained by the unchanged Trainer follows the CPU
-// model's loss trajectory to the same stitch parameters; generation on CUDA is refused and works
-// again after setDevice('cpu').
+// (typed errors, the model keeps working); KV-cached prefill + batched decode over two slots of
+// different lengths, truncate and reset (every placement) and the cache's typed errors (bad, full,
+// duplicate slots, out-of-range tokens, foreign caches). And the one switch: StitchedModel with
+// device 'cuda' trained by the unchanged Trainer follows the CPU model's loss trajectory to the same
+// stitch parameters, and greedy generation from it gives the CPU tokens.
 //
 // Skipped, saying why, when bts_cuda_emu.node is not built ($BTS_CMAKE_BUILD_DIR, default
 // build-cmake; `cmake --build build-cmake --target bts_cuda_emu_node`); in CI a missing build fails.
@@ -36,6 +37,7 @@ import { corpusFromDocuments } from '../../lib/data/tokens.js';
 import { LlamaModel } from '../../lib/model/llama.js';
 import { StitchedModel } from '../../lib/stitch/model.js';
 import { Trainer } from '../../lib/train/trainer.js';
+import { generateBatch } from '../../lib/infer/generate.js';
 
 const root = resolve(fileURLToPath(import.meta.url), '..', '..', '..');
 const buildDir = resolve(root, process.env.BTS_CMAKE_BUILD_DIR ?? 'build-cmake');
@@ -219,6 +221,64 @@ for (const path of targets) {
           gpu.dispose();
         }
       });
+
+      it(`${c.label}: prefill + batched decode over two slots of different lengths, truncate and reset equal the CPU engine`, async () => {
+        const w = Object.fromEntries(randomStitches(D, n, c.stitches, 60 + ci));
+        const { cpu, gpu } = pair(c, w, null);
+        const cc = cpu.createCache(2, 12);
+        const gc = gpu.createCache(2, 12);
+        try {
+          expect([gc.slots, gc.capacity]).toEqual([2, 12]);
+          expect(gc.byteLength).toBe(cc.byteLength); // M caches of L * 2 * slots * capacity * Hkv * Dh floats
+          const seq = [data[0].ids.slice(0, 10), data[1].ids.slice(0, 10)];
+          const plen = [5, 2];
+          const oc = new Float32Array(V);
+          const og = new Float32Array(V);
+          for (const s of [0, 1]) {
+            await cpu.prefill(cc, s, seq[s].slice(0, plen[s]), oc);
+            await gpu.prefill(gc, s, seq[s].slice(0, plen[s]), og);
+            within(relErr(og, oc), TOL_OUT, `prefill of slot ${s}`, 'out');
+          }
+          const dc = new Float32Array(2 * V);
+          const dg = new Float32Array(2 * V);
+          for (let step = 0; step < 3; step++) {
+            const slots = Int32Array.of(1, 0); // rows in another order than the slots
+            const toks = Int32Array.of(seq[1][plen[1] + step], seq[0][plen[0] + step]);
+            await cpu.decode(cc, slots, toks, dc);
+            await gpu.decode(gc, slots, toks, dg);
+            within(relErr(dg, dc), TOL_OUT, `decode step ${step}`, 'out');
+          }
+          expect([gc.length(0), gc.length(1)]).toEqual([8, 5]);
+          // the cached logits equal the full forward of the same sequence (no cache) on the device
+          const full = new Float32Array(8 * V);
+          await gpu.logits(seq[0].slice(0, 8), 1, 8, full);
+          const last = new Float32Array(V);
+          await gpu.decode(gc, Int32Array.of(0), Int32Array.of(seq[0][8]), last);
+          await cpu.decode(cc, Int32Array.of(0), Int32Array.of(seq[0][8]), oc);
+          const fullNext = new Float32Array(9 * V);
+          await gpu.logits(seq[0].slice(0, 9), 1, 9, fullNext);
+          within(relErr(last, fullNext.subarray(8 * V)), TOL_OUT, 'decode = full forward', 'out');
+          // truncate slot 0 to 3 tokens and go on with other tokens; reset slot 1 and prefill anew
+          gc.truncate(0, 3);
+          cc.truncate(0, 3);
+          gc.reset(1);
+          cc.reset(1);
+          expect([gc.length(0), gc.length(1)]).toEqual([3, 0]);
+          await cpu.prefill(cc, 1, seq[0].slice(0, 4), oc);
+          await gpu.prefill(gc, 1, seq[0].slice(0, 4), og);
+          within(relErr(og, oc), TOL_OUT, 'prefill after reset', 'out');
+          const toks = Int32Array.of(seq[1][7], seq[1][8]);
+          await cpu.decode(cc, Int32Array.of(0, 1), toks, dc);
+          await gpu.decode(gc, Int32Array.of(0, 1), toks, dg);
+          within(relErr(dg, dc), TOL_OUT, 'decode after truncate / reset', 'out');
+          expect([gc.length(0), gc.length(1)]).toEqual([4, 5]);
+        } finally {
+          cc.dispose();
+          gc.dispose();
+          cpu.dispose();
+          gpu.dispose();
+        }
+      });
     });
 
     it('gate dropout: the same seed gives the CPU engine\'s mask and gradients, another seed other gradients', async () => {
@@ -285,7 +345,7 @@ for (const path of targets) {
       }
     });
 
-    it('bad input: typed errors from the TypeScript face and the raw addon; the model keeps working; no generation', async () => {
+    it('bad input: typed errors from the TypeScript face and the raw addon (creation, calls, the KV cache); the model keeps working', async () => {
       const c = cases[0];
       const names = stitchTensorNames(D, n, c.stitches).map((t) => t.name);
       const w = Object.fromEntries(randomStitches(D, n, c.stitches, 50));
@@ -333,11 +393,41 @@ for (const path of targets) {
         expect(r3).toBeInstanceOf(ShapeError);
         const r4 = await rawError(() => rawModel.gates.call(rawModel, data[0].ids.subarray(0, T), new Float32Array(2)));
         expect(r4).toBeInstanceOf(ShapeError);
-        expect(rawModel.createCache, 'the addon exports no KV cache').toBeUndefined();
-        // no generation on CUDA yet
-        expect(() => gpu.createCache(1, 8)).toThrow(UnsupportedFeatureError);
-        await rejects(gpu.prefill(null as never, 0, data[0].ids, new Float32Array(V)), UnsupportedFeatureError, /prefill/);
-        await rejects(gpu.decode(null as never, new Int32Array(1), new Int32Array(1), new Float32Array(V)), UnsupportedFeatureError, /decode/);
+        // the KV cache: bad slot, full slot, duplicate slots, out-of-range tokens, foreign caches
+        const cache = gpu.createCache(2, 4);
+        const other = cudaStitchedCreate(cfg, hub, experts, specOf(c), w);
+        const cpuModel = stitchedCreate(cfg, hub, experts, specOf(c), w, null);
+        const o = new Float32Array(2 * V);
+        try {
+          await rejects(gpu.prefill(cache, 2, Int32Array.of(1, 2), o), ArgumentError, /slot 2 is out of range \[0, 2\)/);
+          await rejects(gpu.prefill(cache, 0, Int32Array.of(1, V), o), TokenRangeError, /position 1 is 41/);
+          await rejects(gpu.prefill(cache, 0, new Int32Array(5), o), ArgumentError, /capacity of 4/);
+          await gpu.prefill(cache, 0, Int32Array.of(1, 2, 3, 4), o);
+          await rejects(gpu.decode(cache, Int32Array.of(0), Int32Array.of(5), o), ArgumentError, /slot 0 is full/);
+          await rejects(gpu.decode(cache, Int32Array.of(1, 1), Int32Array.of(3, 4), o), ArgumentError, /appears twice/);
+          await rejects(other.prefill(cache, 1, Int32Array.of(1), o), ArgumentError, /another model/);
+          await rejects(gpu.prefill(cpuModel.createCache(2, 4), 1, Int32Array.of(1), o), ArgumentError, /CudaStitchedCache/);
+          expect(() => gpu.createCache(2, 17)).toThrow(ArgumentError); // capacity > maxPositionEmbeddings
+          expect(() => cache.truncate(0, 5)).toThrow(ArgumentError);
+          expect(cache.length(0)).toBe(4);
+          expect(cache.length(1)).toBe(0);
+          // the raw addon checks as well
+          const rc = (rawModel.createCache as (...a: unknown[]) => object).call(rawModel, 2, 4);
+          expect(await rawError(() => rawModel.prefill.call(rawModel, rc, 7, Int32Array.of(1), o))).toBeInstanceOf(ArgumentError);
+          expect(await rawError(() => rawModel.decode.call(rawModel, rc, Int32Array.of(0), Int32Array.of(V + 5), o))).toBeInstanceOf(TokenRangeError);
+          expect(await rawError(() => rawModel.prefill.call(rawModel, {}, 0, Int32Array.of(1), o))).toBeInstanceOf(ArgumentError);
+          // still generating after all that: slot 1 of the same cache equals the CPU engine
+          const cc = cpuModel.createCache(2, 4);
+          const oc = new Float32Array(V);
+          await cpuModel.prefill(cc, 1, Int32Array.of(3, 1, 4), oc);
+          await gpu.prefill(cache, 1, Int32Array.of(3, 1, 4), o);
+          within(relErr(o.subarray(0, V), oc), TOL_OUT, 'prefill after the errors', 'out');
+          cc.dispose();
+        } finally {
+          cache.dispose();
+          other.dispose();
+          cpuModel.dispose();
+        }
         // still works, and a gradient buffer was never touched by the failed calls
         const z = zeros(w, names);
         await gpu.downloadGrads(z);
@@ -349,7 +439,7 @@ for (const path of targets) {
       }
       await rejects(gpu.loss(data[0].ids, data[0].targets, B, T), DisposedError, /CudaStitched/);
     });
-    it("StitchedModel with device 'cuda': the unchanged Trainer follows the CPU trajectory; generation refused, setDevice('cpu') restores it", async () => {
+    it("StitchedModel with device 'cuda': the unchanged Trainer follows the CPU trajectory; greedy generation gives the CPU tokens", async () => {
       const members = (device: 'cpu' | 'cuda') => {
         const h = LlamaModel.random(cfg, { seed: 61 });
         const ex = [LlamaModel.random(cfg, { seed: 62 }), LlamaModel.random(cfg, { seed: 63 })];
@@ -372,12 +462,20 @@ for (const path of targets) {
         expect(moved, 'training moved the stitches').toBeGreaterThan(1e-3);
         within(relErr(gpu.params, cpu.params), TOL_TRAIN, 'stitch parameters after training', 'train');
         within(relErr(gpu.grads, cpu.grads), TOL_TRAIN, 'last gradients', 'train');
+        // greedy generation through the device KV caches gives the CPU tokens (first call after the last
+        // optimizer step: decode must use the stitches re-uploaded after syncPrecisionCopies)
+        // (two prompts of different lengths: batched decode over two slots)
+        const prompts = [Int32Array.of(3, 14, 15, 9), Int32Array.of(26, 5)];
+        const a = await generateBatch(cpu, prompts, { maxNewTokens: 8, temperature: 0 });
+        const b = await generateBatch(gpu, prompts, { maxNewTokens: 8, temperature: 0 });
+        expect(a.map((r) => r.tokens.length)).toEqual([8, 8]);
+        expect(b.map((r) => r.tokens)).toEqual(a.map((r) => r.tokens));
         const t = data[0].ids;
         within(relErr(await gpu.logits(t, B, T), await cpu.logits(t, B, T)), TOL_OUT, 'logits after training', 'out');
-        expect(() => gpu.createCache(1, 8)).toThrow(UnsupportedFeatureError);
         gpu.setDevice('cpu');
         expect(gpu.device).toBe('cpu');
-        gpu.createCache(1, 8).dispose();
+        const c2 = await generateBatch(gpu, prompts, { maxNewTokens: 8, temperature: 0 });
+        expect(c2.map((r) => r.tokens)).toEqual(a.map((r) => r.tokens));
       } finally {
         cpu.disposeAll();
         gpu.disposeAll();

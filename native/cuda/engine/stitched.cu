@@ -1,7 +1,7 @@
 // cuda/engine/stitched.cu: the stitched model on CUDA (stitched_cuda.h): device copies of the hub,
 // the experts and the stitch tensors, the gate-mask glue kernel, and the calls (training step, loss,
-// logits, gate record) written as native/engine/stitched.cc writes them on the CPU, buffer for buffer,
-// so the two files read side by side. Everything runs on the model's one stream; host code apart from
+// logits, gate record, prefill / decode) written as native/engine/stitched.cc writes them on the CPU,
+// buffer for buffer, so the two files read side by side. Everything runs on the model's one stream; host code apart from
 // one element-wise kernel.
 //
 // Training step, N = B*T rows, M = n + 1 models, j0 = block of the first trained stitch k0 (as
@@ -15,6 +15,10 @@
 //     unless k == k0), then hub block j input gradient in place on dh0 and, while an E->H stitch above
 //     has mixed the experts in, expert block j likewise on dhs.
 // One arena (states_) holds every saved buffer; offsets planned first, as the CPU engine's Arena.
+//
+// Decode / prefill: every model's block j through block_decode against its own device cache (expert
+// blocks only up to the last E->H stitch), then the stitch at j in place on the R rows; the hub's head
+// on the rows whose logits are asked for.
 //
 // Legend (stitched_cuda.h): N rows, D hidden, V vocab, L blocks, n experts, M models, K stitches.
 // Linear layouts: y = x W^T (GEMM NT), dx = dy W (NN), dW += dy^T x (TN, beta 1); fp32 GEMMs.
@@ -411,22 +415,26 @@ void CudaStitchedModel::logits(const int32_t* tokens, int64_t B, int64_t T, floa
   const char* op = "logits";
   std::lock_guard<std::mutex> lock(mu_);
   bts::engine::check_rows(c_, op, B, T);
-  const int64_t N = B * T, D = c_.D, V = c_.V;
+  const int64_t N = B * T;
   bts::engine::check_token_ids(c_, op, "tokens", tokens, N, false);
   activate();
   Drain drain{s_};
   const int32_t* ids = upload_ids(ids_, tokens, N);
-  const float* h = forward_infer(ids, B, T, nullptr);
-  float* xf = xf_.floats(N * D, "activations");
+  hub_logits(forward_infer(ids, B, T, nullptr), N, out);
+}
+
+void CudaStitchedModel::hub_logits(const float* h, int64_t rows, float* out) {
+  const int64_t D = c_.D, V = c_.V;
+  float* xf = xf_.floats(rows * D, "activations");
   RmsNormParams r;
-  r.N = N, r.D = D, r.eps = c_.eps, r.x = h, r.w = model(0).norm, r.y = xf, r.rstd = nullptr;
+  r.N = rows, r.D = D, r.eps = c_.eps, r.x = h, r.w = model(0).norm, r.y = xf, r.rstd = nullptr;
   rmsnorm_forward(r, s_);
-  float* dout = logits_.floats(N * V, "logits");
-  GemmParams p;  // [N, V] = xf [N, D] head^T
-  p.M = N, p.N = V, p.K = D, p.transB = true;
+  float* dout = logits_.floats(rows * V, "logits");
+  GemmParams p;  // [rows, V] = xf [rows, D] head^T
+  p.M = rows, p.N = V, p.K = D, p.transB = true;
   p.A = xf, p.lda = D, p.B = model(0).lm_head.f32, p.ldb = D, p.C = dout, p.ldc = V, p.beta = 0.f;
   gemm_f32(p, s_);
-  BTS_CUDA_CHECK(cudaMemcpyAsync(out, dout, size_t(N * V) * sizeof(float), cudaMemcpyDeviceToHost, s_));
+  BTS_CUDA_CHECK(cudaMemcpyAsync(out, dout, size_t(rows * V) * sizeof(float), cudaMemcpyDeviceToHost, s_));
   BTS_CUDA_CHECK(cudaStreamSynchronize(s_));
 }
 
@@ -440,6 +448,67 @@ void CudaStitchedModel::gates(const int32_t* tokens, int64_t T, float* out) {
   const int32_t* ids = upload_ids(ids_, tokens, T);
   forward_infer(ids, 1, T, out);
   BTS_CUDA_CHECK(cudaStreamSynchronize(s_));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// KV-cached generation (stitched.cc's decode_rows / prefill / decode on the device).
+
+std::shared_ptr<DeviceStitchedCache> CudaStitchedModel::create_cache(int64_t slots, int64_t capacity) {
+  std::lock_guard<std::mutex> lock(mu_);
+  activate();
+  return std::make_shared<DeviceStitchedCache>(c_, plan_.M, slots, capacity);
+}
+
+void CudaStitchedModel::check_cache(const char* op, DeviceStitchedCache& cache) const {
+  if (cache.models() != plan_.M || !cache.model(0).compatible(c_))
+    fail("E_ARGUMENT", std::string(op) + ": the cache was made for another model (" + S(cache.models()) + " models; this one has " + S(plan_.M) + ")");
+}
+
+void CudaStitchedModel::decode_rows(DeviceStitchedCache& cache, const DecodeSegment* segs, int64_t nsegs, const int32_t* tokens,
+                                    int64_t R, int64_t out_row0, float* out) {
+  const int64_t D = c_.D, RD = R * D, n = plan_.n, M = plan_.M, L = plan_.L;
+  const DecodeCtx ctx = rows_.decode(c_, segs, nsegs, R, cache.capacity(), s_);
+  const int32_t* ids = upload_ids(ids_, tokens, R);
+  float* x0 = x0_.floats(RD, "activations");         // [R, D] the hub's rows
+  float* xs = xs_.floats(n * RD, "activations");     // [n, R, D] the experts'
+  float* mixed = mix_.floats(n * RD, "activations");  // [n, R, D] p_e / q_e
+  float* G = G_.floats(R * D * M, "gate logits");     // [R, D*M]
+  auto state = [&](int64_t m) { return m == 0 ? x0 : xs + (m - 1) * RD; };
+  for (int64_t m = 0; m < (plan_.last_eh > 0 ? M : 1); m++) embed(m, ids, R, state(m));
+  for (int64_t j = 1; j <= L; j++) {
+    const int64_t i = j - 1;
+    for (int64_t m = 0; m < (j <= plan_.last_eh ? M : 1); m++) {  // expert blocks after the last E->H never run
+      DeviceKvCache& kc = cache.model(m);
+      block_decode(c_, model(m).layers[size_t(i)], ctx, kc.k(i), kc.v(i), state(m), ws_, s_);
+    }
+    const int64_t k = plan_.stitch_at[size_t(j)];
+    if (k >= 0 && active(k)) stitch_inplace(k, R, x0, xs, mixed, G);  // may swap xs / mixed (projected E->H)
+  }
+  hub_logits(x0 + out_row0 * D, R - out_row0, out);
+}
+
+void CudaStitchedModel::prefill(DeviceStitchedCache& cache, int64_t slot, const int32_t* tokens, int64_t T, float* out) {
+  const char* op = "prefill";
+  std::lock_guard<std::mutex> lock(mu_);
+  check_cache(op, cache);
+  segs_.assign(1, bts::engine::prefill_segment(op, cache.model(0), slot, T));
+  bts::engine::check_token_ids(c_, op, "tokens", tokens, T, false);
+  activate();
+  Drain drain{s_};
+  decode_rows(cache, segs_.data(), 1, tokens, T, T - 1, out);
+  cache.set_length(slot, segs_[0].start + T);
+}
+
+void CudaStitchedModel::decode(DeviceStitchedCache& cache, const int32_t* slots, const int32_t* tokens, int64_t R, float* out) {
+  const char* op = "decode";
+  std::lock_guard<std::mutex> lock(mu_);
+  check_cache(op, cache);
+  bts::engine::decode_segments(op, cache.model(0), slots, R, segs_);
+  bts::engine::check_token_ids(c_, op, "tokens", tokens, R, false);
+  activate();
+  Drain drain{s_};
+  decode_rows(cache, segs_.data(), R, tokens, R, 0, out);
+  for (int64_t r = 0; r < R; r++) cache.set_length(segs_[size_t(r)].slot, segs_[size_t(r)].start + 1);
 }
 
 // ---------------------------------------------------------------------------------------------------

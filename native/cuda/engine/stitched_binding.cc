@@ -14,12 +14,14 @@
 //     options: { grads?: boolean | string[] }  true: a gradient for every stitch tensor; a list: for
 //              those names; false / absent: frozen.
 //   CudaStitched: forwardBackward(inputs, targets, B, T, gradScale, seed), loss, logits, gates(tokens,
-//              out), uploadWeights(obj), downloadWeights(obj), downloadGrads(obj) (obj: Float32Arrays by
-//              stitch tensor name, a subset), zeroGrads() (all Promises), gradNames(), workspaceBytes(),
-//              deviceBytes(), device, dispose().
-// Not here: createCache / prefill / decode (the CUDA stitched engine has no KV-cached decode yet; the
-// methods are absent and lib/engine/cuda-stitched.ts throws UnsupportedFeatureError naming them);
-// bf16 weights (E_UNSUPPORTED from the engine); mapped weights (E_UNSUPPORTED, as llamaCreate).
+//              out), createCache(slots, capacity), prefill(cache, slot, tokens, out), decode(cache,
+//              slots, tokens, out) (as NativeStitched, through llama_args.h's call_prefill /
+//              call_decode), uploadWeights(obj), downloadWeights(obj), downloadGrads(obj) (obj:
+//              Float32Arrays by stitch tensor name, a subset), zeroGrads() (all Promises), gradNames(),
+//              workspaceBytes(), deviceBytes(), device, dispose().
+//   CudaStitchedCache: length, reset, truncate, slots, capacity, byteLength, dispose (as
+//              NativeStitchedCache: one device KV cache per model, advanced together).
+// Not here: bf16 weights (E_UNSUPPORTED from the engine); mapped weights (E_UNSUPPORTED, as llamaCreate).
 #include <napi.h>
 
 #if defined(BTS_CUDA_EMULATOR)
@@ -41,26 +43,28 @@
 namespace {
 
 using bts::cuda::engine::CudaStitchedModel;
+using bts::cuda::engine::DeviceStitchedCache;
 using bts::engine::LlamaConfig;
 using bts::engine::StitchTensor;
 using bts::engine::TensorSpec;
 using namespace bts::napi;
 
-// The model has no KV caches: the shared worker's cache slot is this type and always null.
-struct NoCache {
-  static constexpr const char* kClass = "none";
-  void begin_call() {}
-  void end_call() {}
+struct Ctors {
+  Napi::FunctionReference model, cache;
 };
 
-struct Ctors {
-  Napi::FunctionReference model;
+// new CudaStitchedCache(model, slots, capacity): made by CudaStitched.createCache.
+struct CacheTraits {
+  static constexpr const char* kClass = "CudaStitchedCache";
+  static constexpr const char* kModel = "CudaStitched";
+  static std::shared_ptr<DeviceStitchedCache> make(const Napi::CallbackInfo& info, uint64_t* owner);
 };
+using CudaStitchedCacheWrap = CacheWrap<DeviceStitchedCache, CacheTraits>;
 
 class CudaStitchedWrap : public Napi::ObjectWrap<CudaStitchedWrap> {
  public:
   static constexpr const char* kClass = "CudaStitched";
-  using CacheWrapT = NoCache;
+  using CacheWrapT = CudaStitchedCacheWrap;
   template <Napi::Value (CudaStitchedWrap::*M)(const Napi::CallbackInfo&)>
   Napi::Value Safe(const Napi::CallbackInfo& info) {
     return guarded(info.Env(), kClass, [&] { return (this->*M)(info); });
@@ -69,20 +73,24 @@ class CudaStitchedWrap : public Napi::ObjectWrap<CudaStitchedWrap> {
   static Napi::Function Define(Napi::Env env, Ctors* ctors) {
     using W = CudaStitchedWrap;
     return DefineClass(env, kClass,
-                       {InstanceMethod<&W::Safe<&W::ForwardBackward>>("forwardBackward"), InstanceMethod<&W::Safe<&W::Loss>>("loss"),
-                        InstanceMethod<&W::Safe<&W::Logits>>("logits"), InstanceMethod<&W::Safe<&W::Gates>>("gates"),
-                        InstanceMethod<&W::Safe<&W::UploadWeights>>("uploadWeights"),
-                        InstanceMethod<&W::Safe<&W::DownloadWeights>>("downloadWeights"),
-                        InstanceMethod<&W::Safe<&W::DownloadGrads>>("downloadGrads"), InstanceMethod<&W::Safe<&W::ZeroGrads>>("zeroGrads"),
-                        InstanceMethod<&W::Safe<&W::GradNames>>("gradNames"),
-                        InstanceMethod<&W::Safe<&W::WorkspaceBytes>>("workspaceBytes"),
-                        InstanceMethod<&W::Safe<&W::DeviceBytes>>("deviceBytes"), InstanceAccessor<&W::Safe<&W::Device>>("device"),
-                        InstanceMethod<&W::Safe<&W::Dispose>>("dispose")},
+                       model_methods<W>({InstanceMethod<&W::Safe<&W::ForwardBackward>>("forwardBackward"),
+                                         InstanceMethod<&W::Safe<&W::Gates>>("gates"),
+                                         InstanceMethod<&W::Safe<&W::UploadWeights>>("uploadWeights"),
+                                         InstanceMethod<&W::Safe<&W::DownloadWeights>>("downloadWeights"),
+                                         InstanceMethod<&W::Safe<&W::DownloadGrads>>("downloadGrads"),
+                                         InstanceMethod<&W::Safe<&W::ZeroGrads>>("zeroGrads"),
+                                         InstanceMethod<&W::Safe<&W::GradNames>>("gradNames"),
+                                         InstanceMethod<&W::Safe<&W::DeviceBytes>>("deviceBytes"),
+                                         InstanceAccessor<&W::Safe<&W::Device>>("device")}),
                        ctors);
   }
 
   explicit CudaStitchedWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<CudaStitchedWrap>(info) {
     guarded(info.Env(), "stitchedCreate", [&] { Init(info); });
+  }
+  uint64_t id() const { return id_; }
+  CudaStitchedCacheWrap* cache_arg(Napi::Env env, const Napi::Value& v, const char* method) {
+    return cache_of<CudaStitchedWrap>(env, ctors_->cache, v, method);
   }
   void Init(const Napi::CallbackInfo& info);
 
@@ -96,6 +104,13 @@ class CudaStitchedWrap : public Napi::ObjectWrap<CudaStitchedWrap> {
   Napi::Value Loss(const Napi::CallbackInfo& info) { return call_loss(this, info); }
   Napi::Value Logits(const Napi::CallbackInfo& info) { return call_logits(this, info); }
   Napi::Value Gates(const Napi::CallbackInfo& info);
+  Napi::Value CreateCache(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    core(env, "createCache");
+    return ctors_->cache.New({info.This(), info.Length() > 0 ? info[0] : env.Undefined(), info.Length() > 1 ? info[1] : env.Undefined()});
+  }
+  Napi::Value Prefill(const Napi::CallbackInfo& info) { return call_prefill(this, info); }
+  Napi::Value Decode(const Napi::CallbackInfo& info) { return call_decode(this, info); }
   Napi::Value UploadWeights(const Napi::CallbackInfo& info) { return tensors_call(info, "uploadWeights"); }
   Napi::Value DownloadWeights(const Napi::CallbackInfo& info) { return tensors_call(info, "downloadWeights"); }
   Napi::Value DownloadGrads(const Napi::CallbackInfo& info) { return tensors_call(info, "downloadGrads"); }
@@ -130,14 +145,32 @@ class CudaStitchedWrap : public Napi::ObjectWrap<CudaStitchedWrap> {
  private:
   Napi::Value tensors_call(const Napi::CallbackInfo& info, const char* method);
 
+  Ctors* ctors_ = nullptr;
+  uint64_t id_ = 0;
   int device_ = 0;
   int64_t K_ = 0, M_ = 0;
   ModelLife<CudaStitchedModel> life_;  // the engine (weights live on the device: nothing else to keep)
 };
 
+std::shared_ptr<DeviceStitchedCache> CacheTraits::make(const Napi::CallbackInfo& info, uint64_t* owner) {
+  Napi::Env env = info.Env();
+  Ctors* ctors = static_cast<Ctors*>(info.Data());
+  if (info.Length() < 3 || !info[0].IsObject() || !info[0].As<Napi::Object>().InstanceOf(ctors->model.Value()))
+    throw make_error(env, "E_ARGUMENT", "CudaStitchedCache: made by CudaStitched.createCache(slots, capacity)");
+  CudaStitchedWrap* model = CudaStitchedWrap::Unwrap(info[0].As<Napi::Object>());
+  const std::shared_ptr<CudaStitchedModel>& core = model->core(env, "createCache");
+  const int64_t slots = int_arg(env, info[1], "CudaStitched.createCache: slots", 1, int64_t(1) << 20);
+  const int64_t cap = int_arg(env, info[2], "CudaStitched.createCache: capacity", 1, int64_t(1) << 31);
+  *owner = model->id();
+  return core->create_cache(slots, cap);
+}
+
 // new CudaStitched(config, hub, experts, spec, weights, options)
 void CudaStitchedWrap::Init(const Napi::CallbackInfo& info) {
+  static std::atomic<uint64_t> next_id{1};
   Napi::Env env = info.Env();
+  ctors_ = static_cast<Ctors*>(info.Data());
+  id_ = next_id++;
   const char* who = "stitchedCreate";
   const LlamaConfig c = parse_llama_config(env, info[0], who);
   const std::vector<TensorSpec> specs = bts::engine::tensor_specs(c);
@@ -303,8 +336,10 @@ namespace cuda {
 void register_stitched(Napi::Env env, Napi::Object exports) {
   Ctors* ctors = new Ctors();
   ctors->model = Napi::Persistent(CudaStitchedWrap::Define(env, ctors));
+  ctors->cache = Napi::Persistent(CudaStitchedCacheWrap::Define(env, ctors));
   env.AddCleanupHook([ctors] {
     ctors->model.SuppressDestruct();
+    ctors->cache.SuppressDestruct();
     delete ctors;
   });
   exports.Set("stitchedCreate", Napi::Function::New(env, StitchedCreate, "stitchedCreate", ctors));

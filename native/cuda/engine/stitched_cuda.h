@@ -1,10 +1,11 @@
 // stitched_cuda.h: the stitched model of ../shared/METHOD.md on CUDA, device-resident: a frozen hub and
 // n frozen experts (Llamas of one architecture) joined by K trainable stitch layers, with the same
 // calls and semantics as the CPU engine's StitchedModel (native/engine/stitched.h) for fp32 weights:
-// training step (stitch gradients only), loss, logits and the gate record. Every model's weights and
-// the stitch tensors are copied to the device once at creation; activations, workspaces and the
-// stitch gradients live in device memory; all work of a call is queued on the model's one stream and
-// the call synchronises once at its end, when its results are on the host.
+// training step (stitch gradients only), loss, logits, the gate record and KV-cached prefill / decode.
+// Every model's weights and the stitch tensors are copied to the device once at creation;
+// activations, workspaces, the stitch gradients and the KV caches live in device memory; all work of
+// a call is queued on the model's one stream and the call synchronises once at its end, when its
+// results are on the host.
 //
 // Shape legend (native/engine/stitched.h): B batch, T tokens per sequence, N = B*T rows, D hidden,
 // V vocab, L blocks, n experts, M = n + 1 models (model 0 the hub, model e+1 expert e), K stitches.
@@ -28,10 +29,13 @@
 //   stitch tensors, so a host-side optimizer drives training (no device optimizer here yet).
 // - Plain C++ header (no CUDA headers), as llama_cuda.h: the Node binding includes it.
 //
-// Known limits: fp32 weights only (E_UNSUPPORTED for bf16); no KV-cached prefill / decode (the
-// binding does not export them; lib/engine/cuda-stitched.ts throws UnsupportedFeatureError); no
-// device optimizer for the stitches; the models run one after the other (no grouped launch of the M
-// models' blocks); verified under the SIMT emulator only (docs/CUDA.md).
+// - KV-cached prefill / decode mirror stitched.cc's decode_rows: the caches are the CPU engine's
+//   StitchedCache bookkeeping (ModelCaches) over one DeviceKvCache per model; block j of every model
+//   through block_decode (block.cu), then the stitch at j on the rows, then the hub's head.
+//
+// Known limits: fp32 weights only (E_UNSUPPORTED for bf16); no device optimizer for the stitches; the
+// models run one after the other (no grouped launch of the M models' blocks, in decode one attention
+// launch per slot and model); verified under the SIMT emulator only (docs/CUDA.md).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -69,6 +73,10 @@ using bts::engine::StitchSpec;
 using bts::engine::StitchTensor;
 using bts::engine::StitchType;
 
+// The KV caches of a stitched model on the device: one DeviceKvCache per model (hub first), the same
+// slots and capacity, advanced together; the bookkeeping is the CPU StitchedCache's (stitched.h).
+using DeviceStitchedCache = bts::engine::ModelCaches<DeviceKvCache>;
+
 class CudaStitchedModel {
  public:
   using Loss = bts::engine::LlamaModel::Loss;
@@ -101,6 +109,16 @@ class CudaStitchedModel {
   Loss loss(const int32_t* inputs, const int32_t* targets, int64_t B, int64_t T, float* losses);
   void logits(const int32_t* tokens, int64_t B, int64_t T, float* out);
   void gates(const int32_t* tokens, int64_t T, float* out);
+  // KV-cached generation, as StitchedModel::prefill / decode: every model runs on every token against
+  // its own cache (expert blocks after the last E->H stitch never run), the stitches act on the rows,
+  // out = the hub's logits: prefill appends tokens [T] to `slot` of every model's cache, out [V] (host)
+  // of the last token; decode appends tokens [R] to R distinct slots, out [R, V] (host). Slots,
+  // capacity, token ids and the cache's shape are checked on the host before anything is queued.
+  void prefill(DeviceStitchedCache& cache, int64_t slot, const int32_t* tokens, int64_t T, float* out);
+  void decode(DeviceStitchedCache& cache, const int32_t* slots, const int32_t* tokens, int64_t R, float* out);
+  // Device KV caches for this model: `slots` sequences of up to `capacity` tokens per model
+  // (E_ARGUMENT / E_OUT_OF_MEMORY; the CPU cache's checks).
+  std::shared_ptr<DeviceStitchedCache> create_cache(int64_t slots, int64_t capacity);
 
   // Host <-> device copies of whole stitch tensors by name (each `data` holds the tensor's numel
   // floats). E_ARGUMENT for an unknown name or (grads) a tensor without a gradient, checked before
@@ -138,6 +156,12 @@ class CudaStitchedModel {
   // Inference forward of ids (device) [B, T]; returns the hub's final state [N, D] (device).
   // gates_out (host, may be null): the gate record [K, N, M].
   float* forward_infer(const int32_t* ids, int64_t B, int64_t T, float* gates_out);
+  // The hub's logits of h [rows, D] (device): final norm, head; copied to out [rows, V] (host).
+  void hub_logits(const float* h, int64_t rows, float* out);
+  void check_cache(const char* op, DeviceStitchedCache& cache) const;
+  // Rows of tokens (host) against the caches; logits of rows out_row0..R-1 into out (host).
+  void decode_rows(DeviceStitchedCache& cache, const DecodeSegment* segs, int64_t nsegs, const int32_t* tokens, int64_t R,
+                   int64_t out_row0, float* out);
   // The hub's final norm and fused LM-head cross-entropy of h [N, D] against targets [N] (device):
   // losses [N] (device, may be null); with dh (device [N, D]) the gradient w.r.t. h (frozen head).
   void hub_loss(const float* h, int64_t N, const int32_t* targets, float* losses, float grad_scale, float* dh);
@@ -165,6 +189,7 @@ class CudaStitchedModel {
   DeviceBuffer x0_, xs_, mix_, G_, xf_, rstdf_, states_, dh0_, dhs_, dtmp_, dG_, ids_, tg_, losses_, logits_, scalars_;
   std::vector<BlockActs> act_views_;
   std::vector<float> gates_host_;  // [N, D*M] one stitch's logits for gate_means
+  std::vector<DecodeSegment> segs_;
 };
 
 }  // namespace engine
