@@ -93,6 +93,20 @@ export interface CudaAdamwOptions {
   step: number;
 }
 
+/**
+ * Checks the hyper-parameters of a device adamwStep (`w`: the method, for messages) and returns just
+ * those fields (ArgumentError naming the field). Shared by the CUDA Llama and stitched faces. @internal
+ */
+export function checkAdamwOptions(w: string, o: CudaAdamwOptions): CudaAdamwOptions {
+  if (typeof o !== 'object' || o === null) throw new ArgumentError(`${w}: expected { lr, beta1, beta2, eps, weightDecay, maxGradNorm, step }, got ${kind(o)}`);
+  for (const k of ['lr', 'beta1', 'beta2', 'eps', 'weightDecay', 'maxGradNorm'] as const)
+    if (typeof o[k] !== 'number' || !Number.isFinite(o[k])) throw new ArgumentError(`${w}: ${k} must be a finite number, got ${String(o[k])}`);
+  if (!(o.beta1 >= 0 && o.beta1 < 1 && o.beta2 >= 0 && o.beta2 < 1)) throw new ArgumentError(`${w}: beta1 and beta2 must be in [0, 1), got ${o.beta1}, ${o.beta2}`);
+  if (!(o.eps > 0)) throw new ArgumentError(`${w}: eps must be > 0, got ${o.eps}`);
+  posInt(`${w}: step`, o.step);
+  return { lr: o.lr, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay, maxGradNorm: o.maxGradNorm, step: o.step };
+}
+
 /** The raw addon surface (native/cuda/engine/binding.cc): the same methods, unchecked. */
 type RawCudaLlama = CudaLlama;
 type CudaEngineAddon = CudaAddon & {
@@ -129,14 +143,7 @@ class CheckedCudaLlama extends CheckedModel<RawCudaLlama> implements CudaLlama {
 
   adamwStep(o: CudaAdamwOptions): Promise<number> {
     return call(async () => {
-      const w = 'CudaLlama.adamwStep';
-      if (typeof o !== 'object' || o === null) throw new ArgumentError(`${w}: expected { lr, beta1, beta2, eps, weightDecay, maxGradNorm, step }, got ${kind(o)}`);
-      for (const k of ['lr', 'beta1', 'beta2', 'eps', 'weightDecay', 'maxGradNorm'] as const)
-        if (typeof o[k] !== 'number' || !Number.isFinite(o[k])) throw new ArgumentError(`${w}: ${k} must be a finite number, got ${String(o[k])}`);
-      if (!(o.beta1 >= 0 && o.beta1 < 1 && o.beta2 >= 0 && o.beta2 < 1)) throw new ArgumentError(`${w}: beta1 and beta2 must be in [0, 1), got ${o.beta1}, ${o.beta2}`);
-      if (!(o.eps > 0)) throw new ArgumentError(`${w}: eps must be > 0, got ${o.eps}`);
-      posInt(`${w}: step`, o.step);
-      return this.raw.adamwStep({ lr: o.lr, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay, maxGradNorm: o.maxGradNorm, step: o.step });
+      return this.raw.adamwStep(checkAdamwOptions('CudaLlama.adamwStep', o));
     });
   }
 

@@ -7,7 +7,9 @@
  * device-resident model needs instead of borrowed host arrays: the stitch gradients live on the GPU
  * (accumulated by forwardBackward), {@link CudaStitched.downloadGrads} copies them into host arrays,
  * {@link CudaStitched.zeroGrads} clears them and {@link CudaStitched.uploadWeights} replaces stitch
- * tensors (a host-side optimizer drives training).
+ * tensors (a host-side optimizer can drive training); {@link CudaStitched.adamwStep} is the device
+ * optimizer (moments on the GPU, moved by {@link CudaStitched.uploadMoments} /
+ * {@link CudaStitched.downloadMoments} for checkpoints).
  *
  * Differences from the CPU engine, by design:
  * - Hub, expert and stitch weights are COPIED to the device at creation (the CPU engine borrows the
@@ -42,6 +44,7 @@ import {
   type NativeLossSum,
   type NativeWeight,
 } from './native.js';
+import { checkAdamwOptions, type CudaAdamwOptions } from './cuda-native.js';
 import { checkExpertConfigs, checkSpec, type NativeStitched, type NativeStitchSpec } from './stitched-native.js';
 
 /** Options of {@link cudaStitchedCreate}. */
@@ -68,9 +71,23 @@ export interface CudaStitched extends NativeStitched {
   downloadWeights(out: Record<string, Float32Array>): Promise<void>;
   /** Copies accumulated stitch gradients into the given host arrays (by name, tensors with a gradient). */
   downloadGrads(out: Record<string, Float32Array>): Promise<void>;
+  /** Replaces accumulated stitch gradients by host arrays (by name, tensors with a gradient). */
+  uploadGrads(grads: Record<string, Float32Array>): Promise<void>;
   /** Sets every stitch gradient to 0 (between optimizer steps). */
   zeroGrads(): Promise<void>;
-  /** Bytes of device memory the model holds now: every model's weights, stitch tensors, gradients, workspaces. */
+  /**
+   * One AdamW step on the device over every stitch tensor with a gradient, the semantics of
+   * `ops.adamwStep` (global gradient-norm clipping, bias correction by `step`) with weight decay on
+   * every element (a stitched model's nDecay is all of its parameters). The moments start at zero
+   * unless uploaded.
+   * @returns the global gradient norm before clipping.
+   */
+  adamwStep(o: CudaAdamwOptions): Promise<number>;
+  /** Replaces AdamW moments on the device (Float32Arrays by name of stitch tensors with a gradient, any subset). */
+  uploadMoments(m: Record<string, Float32Array>, v: Record<string, Float32Array>): Promise<void>;
+  /** Copies the device AdamW moments into host arrays (by name, any subset). */
+  downloadMoments(m: Record<string, Float32Array>, v: Record<string, Float32Array>): Promise<void>;
+  /** Bytes of device memory the model holds now: every model's weights, stitch tensors, gradients, moments, workspaces (caches not included). */
   deviceBytes(): number;
 }
 
@@ -152,8 +169,24 @@ class CheckedCudaStitched extends CheckedModel<RawCudaStitched> implements CudaS
     return call(async () => this.raw.downloadGrads(this.tensors('downloadGrads', out)));
   }
 
+  uploadGrads(grads: Record<string, Float32Array>): Promise<void> {
+    return call(async () => this.raw.uploadGrads(this.tensors('uploadGrads', grads)));
+  }
+
   zeroGrads(): Promise<void> {
     return call(async () => this.raw.zeroGrads());
+  }
+
+  adamwStep(o: CudaAdamwOptions): Promise<number> {
+    return call(async () => this.raw.adamwStep(checkAdamwOptions('CudaStitched.adamwStep', o)));
+  }
+
+  uploadMoments(m: Record<string, Float32Array>, v: Record<string, Float32Array>): Promise<void> {
+    return call(async () => this.raw.uploadMoments(this.tensors('uploadMoments: m', m), this.tensors('uploadMoments: v', v)));
+  }
+
+  downloadMoments(m: Record<string, Float32Array>, v: Record<string, Float32Array>): Promise<void> {
+    return call(async () => this.raw.downloadMoments(this.tensors('downloadMoments: m', m), this.tensors('downloadMoments: v', v)));
   }
 
   deviceBytes(): number {

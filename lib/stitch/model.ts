@@ -26,8 +26,11 @@
  * device-resident CUDA stitched model (lib/engine/cuda-stitched.ts). On CUDA the host arrays stay the
  * master copy: the hub, experts and stitches are copied to the device when the engine is created, the
  * stitches again before the next call after {@link StitchedModel.syncPrecisionCopies} (the trainer
- * calls it after every optimizer step); the device gradient sum is copied into {@link grads} after
- * every forwardBackward and zeroed by {@link StitchedModel.zeroGrad}. KV-cached generation runs on
+ * calls it after every optimizer step of a host optimizer); the device gradient sum is copied into
+ * {@link grads} after every forwardBackward and zeroed by {@link StitchedModel.zeroGrad}.
+ * {@link StitchedModel.optimizerStep} (what the Trainer calls) runs AdamW on the device there (moments
+ * on the GPU, copied back by {@link StitchedModel.syncMoments}; the updated stitches are downloaded
+ * into {@link params}), and on the CPU the same ops.adamwStep as the Trainer's fallback. KV-cached generation runs on
  * either engine (on CUDA the caches live in device memory, one per model); a cache belongs to the
  * engine that made it (setDevice invalidates it).
  */
@@ -41,7 +44,8 @@ import { writeFileAtomic } from '../formats/atomic.js';
 import { openSafetensors, writeSafetensorsAsync, type TensorToWrite } from '../formats/safetensors.js';
 import { stitchedCreate, type NativeStitched } from '../engine/stitched-native.js';
 import type { NativeKvCache } from '../engine/native.js';
-import { LlamaModel, checkTokens } from '../model/llama.js';
+import { LlamaModel, checkTokens, type OptimizerStepOptions } from '../model/llama.js';
+import { adamwStepAsync } from '../ops/adamw.js';
 import { checkSameArchitecture } from '../baselines/soup.js';
 import type { CausalDecoder, DecoderCache } from '../infer/generate.js';
 import { Rng } from '../util/random.js';
@@ -147,6 +151,12 @@ export class StitchedModel implements CausalDecoder {
   /** CUDA engine: the host stitches changed since the last upload / the device gradients must be zeroed. */
   private cudaWeightsStale = false;
   private cudaGradsStale = false;
+  /**
+   * CUDA engine: the moment arrays whose state the device optimizer holds (null: none), and whether
+   * the device state is newer than those host arrays (steps since the last {@link syncMoments}).
+   */
+  private cudaMoments: { m: Float32Array; v: Float32Array } | null = null;
+  private cudaMomentsAhead = false;
   /** True when this object loaded its hub and experts itself (StitchedModel.load): dispose() frees them. */
   private ownsMembers = false;
 
@@ -302,6 +312,52 @@ export class StitchedModel implements CausalDecoder {
     return r;
   }
 
+  /**
+   * One AdamW step over every stitch parameter (what the trainer calls after accumulating
+   * gradients), in place, with weight decay on all of them ({@link nDecay}). On the CPU: ops.adamwStep
+   * over params, grads and the given moments, as the trainer's fallback. On CUDA: the device optimizer
+   * (no gradient or weight upload per step; with {@link trainableRanges}, the masked host gradients are
+   * uploaded first, so the device steps on exactly what the CPU would): the moments are uploaded on
+   * the first step with a given pair of arrays and then live on the device, so `m` and `v` are stale
+   * until {@link syncMoments}; the updated stitches are copied back into {@link params}.
+   * @returns the global gradient norm before clipping.
+   */
+  async optimizerStep(o: OptimizerStepOptions): Promise<{ gradNorm: number }> {
+    this.checkAlive();
+    const n = this.params.length;
+    if (!(o.m instanceof Float32Array) || !(o.v instanceof Float32Array) || o.m.length !== n || o.v.length !== n)
+      throw new ShapeError(`optimizerStep: m and v must be Float32Arrays of params.length = ${n} elements`);
+    if (this.device !== 'cuda') {
+      const r = await adamwStepAsync({ params: this.params, grads: this.grads, m: o.m, v: o.v, lr: o.lr, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay, nDecay: this.nDecay, step: o.step, maxGradNorm: o.maxGradNorm });
+      this.syncPrecisionCopies();
+      return { gradNorm: r.gradNorm };
+    }
+    const cuda = (await this.ready()) as CudaStitched;
+    if (!this.cudaMoments || this.cudaMoments.m !== o.m || this.cudaMoments.v !== o.v) {
+      if (this.cudaMomentsAhead) throw new ArgumentError('optimizerStep: the device holds moments newer than their host arrays; call syncMoments() with those arrays before switching to others');
+      await cuda.uploadMoments(this.views(o.m), this.views(o.v));
+      this.cudaMoments = { m: o.m, v: o.v };
+    }
+    // The device sum is unmasked; the host copy was masked after every forwardBackward.
+    if (this.trainableRanges) await cuda.uploadGrads(this.views(this.grads));
+    this.cudaMomentsAhead = true;
+    const gradNorm = await cuda.adamwStep({ lr: o.lr, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay, maxGradNorm: o.maxGradNorm, step: o.step });
+    await cuda.downloadWeights(this.views(this.params));
+    return { gradNorm };
+  }
+
+  /**
+   * Brings the host moment arrays given to {@link optimizerStep} up to date (CUDA: copies the device
+   * optimizer's state into them; CPU: nothing to do). The trainer calls it before every checkpoint.
+   */
+  async syncMoments(m: Float32Array, v: Float32Array): Promise<void> {
+    this.checkAlive();
+    if (!this.cudaMomentsAhead || !this.cudaMoments || !this.handle) return;
+    if (this.cudaMoments.m !== m || this.cudaMoments.v !== v) throw new ArgumentError('syncMoments: these are not the moment arrays the device optimizer was started with');
+    await (this.handle as CudaStitched).downloadMoments(this.views(m), this.views(v));
+    this.cudaMomentsAhead = false;
+  }
+
   async loss(inputs: Int32Array, targets: Int32Array, B: number, T: number, losses: Float32Array | null = null): Promise<{ lossSum: number; count: number }> {
     this.checkBatch(inputs, targets, B, T);
     return (await this.ready()).loss(inputs, targets, B, T, losses);
@@ -452,8 +508,10 @@ export class StitchedModel implements CausalDecoder {
   setDevice(device: Device): void {
     this.checkAlive();
     checkDevice(device, 'setDevice: device');
+    if (this.cudaMomentsAhead) throw new ArgumentError('setDevice: the CUDA engine holds AdamW moments newer than the host arrays; await syncMoments(m, v) first (a Trainer does at every checkpoint)');
     this.handle?.dispose();
     this.handle = null;
+    this.cudaMoments = null;
     this.deviceChoice = device;
     this.resolvedDevice = null;
   }

@@ -10,8 +10,9 @@
  *   2. zero the gradients, then forwardBackward each micro-batch with gradScale = 1 / C, so the
  *      accumulated gradient is that of the mean loss over all C targets (as one big batch would give);
  *   3. one fused native AdamW step over the flat parameter buffer (clipping included): the model's
- *      own optimizerStep where it has one (LlamaModel: on the CPU the same native op; on CUDA the
- *      device optimizer, moments on the GPU, copied back by syncMoments before every checkpoint);
+ *      own optimizerStep where it has one (LlamaModel, StitchedModel: on the CPU the same native op;
+ *      on CUDA the device optimizer, moments on the GPU, copied back by syncMoments before every
+ *      checkpoint);
  *   4. in bf16 mixed precision, refresh the bf16 copies of the block matrices from the fp32 masters.
  * Every native call is async (the event loop stays free); the signal is checked between micro-batches.
  *

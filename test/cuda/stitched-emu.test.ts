@@ -12,7 +12,10 @@
 // different lengths, truncate and reset (every placement) and the cache's typed errors (bad, full,
 // duplicate slots, out-of-range tokens, foreign caches). And the one switch: StitchedModel with
 // device 'cuda' trained by the unchanged Trainer follows the CPU model's loss trajectory to the same
-// stitch parameters, and greedy generation from it gives the CPU tokens.
+// stitch parameters (its optimizer steps on the device), and greedy generation from it gives the CPU
+// tokens; two device AdamW steps (StitchedModel.optimizerStep; clipping, weight decay, uploaded
+// moments; with and without the trainableRanges of an added expert) equal ops.adamwStep; a Trainer
+// checkpoint taken mid-run on CUDA resumes the uninterrupted trajectory.
 //
 // Skipped, saying why, when bts_cuda_emu.node is not built ($BTS_CMAKE_BUILD_DIR, default
 // build-cmake; `cmake --build build-cmake --target bts_cuda_emu_node`); in CI a missing build fails.
@@ -20,7 +23,8 @@
 // 2e-5 for logits, loss and gates, 1e-4 for gradients, 5e-4 for parameters and gradients after
 // AdamW training through the Trainer (the measured errors are printed by
 // BTS_TEST_VERBOSE=1 and recorded in docs/CUDA.md).
-import { existsSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -50,6 +54,7 @@ const TOL_GRAD = 1e-4; // stitch gradients
 // Parameters and gradients after three AdamW steps: AdamW divides by sqrt(v), so rounding in tiny
 // gradients moves a parameter by up to ~lr; compared relative to the largest magnitude.
 const TOL_TRAIN = 5e-4;
+const maxAbsDiff = (a: Float32Array, b: Float32Array): number => a.reduce((m, x, i) => Math.max(m, Math.abs(x - b[i])), 0);
 
 const cfg = config({ V: 41, D: 24, F: 40, L: 4, H: 3, Hkv: 1, Dh: 8, maxPos: 16 });
 const V = cfg.vocabSize;
@@ -472,13 +477,107 @@ for (const path of targets) {
         expect(b.map((r) => r.tokens)).toEqual(a.map((r) => r.tokens));
         const t = data[0].ids;
         within(relErr(await gpu.logits(t, B, T), await cpu.logits(t, B, T)), TOL_OUT, 'logits after training', 'out');
-        gpu.setDevice('cpu');
-        expect(gpu.device).toBe('cpu');
-        const c2 = await generateBatch(gpu, prompts, { maxNewTokens: 8, temperature: 0 });
-        expect(c2.map((r) => r.tokens)).toEqual(a.map((r) => r.tokens));
+        // the Trainer stepped on the device: its moments are there until a checkpoint syncs them
+        expect(() => gpu.setDevice('cpu')).toThrow(/syncMoments/);
       } finally {
         cpu.disposeAll();
         gpu.disposeAll();
+      }
+    });
+
+    // The stitched model's members for the optimizer tests: saved to folders (a checkpoint's stitch.json
+    // references them), shared by every StitchedModel below (frozen; the stitched engines copy or borrow
+    // their weights).
+    const tmp = mkdtempSync(join(tmpdir(), 'bts-stitched-emu-'));
+    afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+    const savedModel = async (seed: number, name: string): Promise<LlamaModel> => {
+      const m = LlamaModel.random(cfg, { seed });
+      await m.save(join(tmp, name));
+      return m;
+    };
+    const docs = Array.from({ length: 30 }, (_, d) => Array.from({ length: 20 + (d % 4) }, (_, i) => (d * 5 + i * (1 + (d % 3))) % (V - 1)));
+    const corpus = corpusFromDocuments(docs, V, { eosId: V - 1 });
+
+    for (const ranges of [false, true]) {
+      it(`StitchedModel.optimizerStep on CUDA: two device AdamW steps equal ops.adamwStep (clipping, weight decay, uploaded moments${ranges ? ', trainableRanges of a new expert' : ''})`, async () => {
+        const h = LlamaModel.random(cfg, { seed: 71 });
+        const ex = [LlamaModel.random(cfg, { seed: 72 }), LlamaModel.random(cfg, { seed: 73 })];
+        const extra = LlamaModel.random(cfg, { seed: 74 });
+        const made: StitchedModel[] = [];
+        const make = async (device: 'cpu' | 'cuda'): Promise<StitchedModel> => {
+          let m = StitchedModel.create(h, ex, { K: 2, init: 'random', seed: 9, hubBias: 0.2, device });
+          made.push(m);
+          if (ranges) {
+            m = m.addExpert(extra, 'new'); // trains only the new expert's slices
+            made.push(m);
+            expect(m.trainableRanges).not.toBeNull();
+          }
+          m.zeroGrad();
+          await m.forwardBackward(data[0].ids, data[0].targets, B, T, 1 / (B * T), 0);
+          return m;
+        };
+        try {
+          const cpu = await make('cpu');
+          const gpu = await make('cuda');
+          expect(gpu.device).toBe('cuda');
+          const nP = cpu.params.length;
+          // Non-zero starting moments, so the upload is exercised; a large decay, so its extent shows.
+          const m0 = new Float32Array(nP).map((_, i) => 1e-3 * Math.sin(i));
+          const v0 = new Float32Array(nP).map((_, i) => 1e-5 * (1.5 + Math.cos(i)));
+          const hyper = { lr: 2e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.5, maxGradNorm: 0.05 };
+          const [mc, vc, mg, vg] = [m0.slice(), v0.slice(), m0.slice(), v0.slice()];
+          const init = cpu.params.slice();
+          for (let step = 1; step <= 2; step++) {
+            const a = await cpu.optimizerStep({ m: mc, v: vc, step, ...hyper });
+            const b = await gpu.optimizerStep({ m: mg, v: vg, step, ...hyper });
+            expect(Math.abs(a.gradNorm - b.gradNorm), `step ${step} grad norm`).toBeLessThan(1e-5 * a.gradNorm);
+            expect(a.gradNorm).toBeGreaterThan(hyper.maxGradNorm); // clipping is active
+          }
+          expect(maxAbsDiff(cpu.params, init)).toBeGreaterThan(1e-3);
+          expect(maxAbsDiff(gpu.params, cpu.params)).toBeLessThan(1e-6);
+          // Until synced, the host moments are the uploaded ones; then they are the device's.
+          expect(maxAbsDiff(mg, m0)).toBe(0);
+          expect(() => gpu.setDevice('cpu')).toThrow(/syncMoments/);
+          await gpu.syncMoments(mg, vg);
+          expect(maxAbsDiff(mg, mc)).toBeLessThan(1e-8);
+          expect(maxAbsDiff(vg, vc)).toBeLessThan(1e-10);
+          expect(maxAbsDiff(mc, m0)).toBeGreaterThan(1e-4);
+          // the device copy of the stitches is the stepped one: logits equal the CPU model's
+          within(relErr(await gpu.logits(data[1].ids, B, T), await cpu.logits(data[1].ids, B, T)), TOL_OUT, 'logits after the device steps', 'out');
+          await expect(gpu.optimizerStep({ m: new Float32Array(3), v: vg, step: 3, ...hyper })).rejects.toThrow(ShapeError);
+          gpu.setDevice('cpu'); // synced: allowed
+        } finally {
+          for (const m of made) m.dispose();
+          for (const m of [h, ...ex, extra]) m.dispose();
+        }
+      });
+    }
+
+    it('a Trainer checkpoint taken mid-run on CUDA resumes the uninterrupted trajectory (moments synced from the device)', async () => {
+      const h = await savedModel(64, 'hub');
+      const ex = [await savedModel(65, 'e0'), await savedModel(66, 'e1')];
+      // seed 0: StitchedModel.load does not restore the seed of gate dropout (the manifest has none)
+      const make = () => StitchedModel.create(h, ex, { K: 2, init: 'random', seed: 0, gateDropout: 0.2, hubBias: 0.3, device: 'cuda' });
+      const opts = { data: (st: unknown) => (st ? PackedLoader.restore(corpus, st as never) : new PackedLoader(corpus, { T: 6, seed: 4 })), batchSize: 2, seqLen: 6, steps: 4, lr: 5e-2, warmupSteps: 1, gradAccumSteps: 2 };
+      const fullModel = make();
+      const first = make();
+      let resumed: Awaited<ReturnType<typeof Trainer.resume<StitchedModel>>> | null = null;
+      try {
+        const full = await Trainer.create(fullModel, opts).run();
+        const dir = join(tmp, 'ckpt');
+        const ac = new AbortController();
+        const t1 = Trainer.create(first, { ...opts, checkpointDir: dir, signal: ac.signal, onProgress: (p) => p.step === 2 && ac.abort() });
+        await expect(t1.run()).rejects.toThrow(/aborted at step 2/);
+        resumed = await Trainer.resume(dir, opts, (d) => StitchedModel.load(d, { device: 'cuda' }));
+        expect(resumed.model.device).toBe('cuda');
+        const r = await resumed.run();
+        expect(r.history.map((x) => x.loss)).toEqual(full.history.map((x) => x.loss));
+        expect(maxAbsDiff(resumed.model.params, fullModel.params)).toBe(0);
+      } finally {
+        fullModel.dispose();
+        first.dispose();
+        resumed?.model.dispose();
+        for (const m of [h, ...ex]) m.dispose();
       }
     });
   });

@@ -281,18 +281,8 @@ Napi::Value CudaLlamaWrap::AdamwStep(const Napi::CallbackInfo& info) {
   std::shared_ptr<CudaLlamaModel> model = core(env, "adamwStep");
   if (!model->trainable())
     throw make_error(env, "E_ARGUMENT", m + ": the model was created without gradient buffers (frozen); pass { grads: true } to llamaCreate to train");
-  Napi::Value v = info.Length() > 0 ? info[0] : env.Undefined();
-  if (!v.IsObject() || v.IsArray() || v.IsTypedArray())
-    throw make_error(env, "E_ARGUMENT", m + ": expected { lr, beta1, beta2, eps, weightDecay, maxGradNorm, step }, got " + describe(v));
-  Napi::Object o = v.As<Napi::Object>();
   CudaLlamaModel::OptimStep s;
-  s.lr = float(num_arg(env, o.Get("lr"), m + ": lr"));
-  s.beta1 = float(num_arg(env, o.Get("beta1"), m + ": beta1"));
-  s.beta2 = float(num_arg(env, o.Get("beta2"), m + ": beta2"));
-  s.eps = float(num_arg(env, o.Get("eps"), m + ": eps"));
-  s.weight_decay = float(num_arg(env, o.Get("weightDecay"), m + ": weightDecay"));
-  s.max_grad_norm = float(num_arg(env, o.Get("maxGradNorm"), m + ": maxGradNorm"));
-  s.step = int_arg(env, o.Get("step"), m + ": step", 1, int64_t(1) << 52);
+  bts::cuda::parse_adamw_hyper(env, info.Length() > 0 ? info[0] : env.Undefined(), m, &s);
   std::vector<Napi::ObjectReference> pins;
   pins.push_back(pin(info.This()));
   auto norm = std::make_shared<float>(0.f);
@@ -316,6 +306,24 @@ Napi::Value CudaLlamaWrap::tensors_call(const Napi::CallbackInfo& info, const ch
   };
   return queue(env, method, work, nullptr, std::move(pins), this, nullptr);
 }
+
+}  // namespace
+
+void bts::cuda::parse_adamw_hyper(Napi::Env env, const Napi::Value& v, const std::string& m, engine::AdamWHyper* out) {
+  if (!v.IsObject() || v.IsArray() || v.IsTypedArray())
+    throw make_error(env, "E_ARGUMENT", m + ": expected { lr, beta1, beta2, eps, weightDecay, maxGradNorm, step }, got " + describe(v));
+  Napi::Object o = v.As<Napi::Object>();
+  engine::AdamWHyper& s = *out;
+  s.lr = float(num_arg(env, o.Get("lr"), m + ": lr"));
+  s.beta1 = float(num_arg(env, o.Get("beta1"), m + ": beta1"));
+  s.beta2 = float(num_arg(env, o.Get("beta2"), m + ": beta2"));
+  s.eps = float(num_arg(env, o.Get("eps"), m + ": eps"));
+  s.weight_decay = float(num_arg(env, o.Get("weightDecay"), m + ": weightDecay"));
+  s.max_grad_norm = float(num_arg(env, o.Get("maxGradNorm"), m + ": maxGradNorm"));
+  s.step = int_arg(env, o.Get("step"), m + ": step", 1, int64_t(1) << 52);
+}
+
+namespace {
 
 Napi::Value LlamaCreate(const Napi::CallbackInfo& info) {
   Ctors* ctors = static_cast<Ctors*>(info.Data());

@@ -149,6 +149,13 @@ class DevicePositions {
   std::vector<int32_t> host_;
 };
 
+// The hyper-parameters of one device AdamW step (the engines' adamw_step; semantics of AdamWParams in
+// bts/ops.h). Parsed from JS by parse_adamw_hyper (binding.h), shared by both CUDA engine bindings.
+struct AdamWHyper {
+  float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.f, max_grad_norm = 0.f;
+  int64_t step = 1;
+};
+
 // ---------------------------------------------------------------------------------------------------
 // The whole model on one device. Public calls are serialised by a mutex (one stream, shared
 // workspaces), validate their arguments before queuing anything, and return when their results are
@@ -200,10 +207,7 @@ class CudaLlamaModel {
   // global gradient-norm clipping, bias correction by `step`, decoupled weight decay on matrices and
   // embeddings only, never on norm gains). Moments start at zero unless uploaded. Returns the global
   // gradient norm before clipping. E_ARGUMENT for a frozen model or bad hyper-parameters.
-  struct OptimStep {
-    float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.f, max_grad_norm = 0.f;
-    int64_t step = 1;
-  };
+  using OptimStep = AdamWHyper;
   float adamw_step(const OptimStep& o);
   // Moments by HF name (trained tensors only; E_ARGUMENT otherwise), host <-> device.
   void upload_moments(const std::vector<HostTensor>& m, const std::vector<HostTensor>& v) { moments_copy(m, v, true); }

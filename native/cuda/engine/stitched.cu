@@ -1,6 +1,6 @@
 // cuda/engine/stitched.cu: the stitched model on CUDA (stitched_cuda.h): device copies of the hub,
 // the experts and the stitch tensors, the gate-mask glue kernel, and the calls (training step, loss,
-// logits, gate record, prefill / decode) written as native/engine/stitched.cc writes them on the CPU,
+// logits, gate record, prefill / decode, the AdamW step) written as native/engine/stitched.cc writes them on the CPU,
 // buffer for buffer, so the two files read side by side. Everything runs on the model's one stream; host code apart from
 // one element-wise kernel.
 //
@@ -192,20 +192,29 @@ CudaStitchedModel::CudaStitchedModel(const LlamaConfig& c, const ModelWeights& h
       if (!known) fail("E_ARGUMENT", "stitched: gradient for '" + name + "', not a stitch tensor of " + S(K) + " stitches and " + S(n) + " experts");
     }
 
-  // Stitch arenas: weights of every tensor, gradients of the trained ones (256-byte aligned).
+  // Stitch arenas (every tensor 256-byte aligned): the weights arena holds the trained tensors first,
+  // then the frozen ones; the gradient arena (and the AdamW moments') covers the trained prefix with
+  // the SAME offsets, so [0, train_end_) of weights, gradients and moments line up element for element
+  // and one device AdamW call updates every trained tensor. Padding is zero in every arena and stays
+  // zero under AdamW.
   int64_t wn = 0, gn = 0;
   w_off_.assign(tensors_.size(), -1);
   g_off_.assign(tensors_.size(), -1);
   std::vector<bool> trained_k(size_t(K), false);
-  for (size_t i = 0; i < tensors_.size(); i++) {
-    w_off_[i] = wn;
-    wn += aligned(tensors_[i].numel);
-    if (trained && trained->count(tensors_[i].name)) {
-      g_off_[i] = gn;
-      gn += aligned(tensors_[i].numel);
-      trained_k[size_t(tensors_[i].k)] = true;
+  for (int pass = 0; pass < 2; pass++) {
+    for (size_t i = 0; i < tensors_.size(); i++) {
+      const bool tr = trained && trained->count(tensors_[i].name) > 0;
+      if (tr != (pass == 0)) continue;
+      w_off_[i] = wn;
+      if (tr) {
+        g_off_[i] = wn;
+        trained_k[size_t(tensors_[i].k)] = true;
+      }
+      wn += aligned(tensors_[i].numel);
     }
+    if (pass == 0) gn = wn;
   }
+  train_end_ = gn;
   trainable_ = gn > 0;
   first_trained_ = plan_.first_trained(spec_, trained_k);
 
@@ -240,6 +249,7 @@ CudaStitchedModel::CudaStitchedModel(const LlamaConfig& c, const ModelWeights& h
     }
     float* wdev = sw_.floats(wn, "stitchedCreate (stitch weights)");
     float* gdev = gn ? sg_.floats(gn, "stitchedCreate (stitch gradients)") : nullptr;
+    BTS_CUDA_CHECK(cudaMemsetAsync(wdev, 0, size_t(wn) * sizeof(float), s_));  // the padding between tensors
     wdev_.assign(tensors_.size(), nullptr);
     gdev_.assign(tensors_.size(), nullptr);
     for (size_t i = 0; i < tensors_.size(); i++) {
@@ -267,7 +277,7 @@ CudaStitchedModel::~CudaStitchedModel() {
   ws_.release();
   rows_.release();
   for (DeviceBuffer* b : {&x0_, &xs_, &mix_, &G_, &xf_, &rstdf_, &states_, &dh0_, &dhs_, &dtmp_, &dG_, &ids_, &tg_, &losses_, &logits_,
-                          &scalars_, &sw_, &sg_})
+                          &scalars_, &sw_, &sg_, &m_, &v_})
     b->release();
   model_bufs_.clear();
   cudaStreamDestroy(s_);
@@ -707,21 +717,25 @@ void CudaStitchedModel::download_weights(const std::vector<HostTensor>& out) {
   BTS_CUDA_CHECK(cudaStreamSynchronize(s_));
 }
 
-void CudaStitchedModel::download_grads(const std::vector<HostTensor>& out) {
-  const char* op = "downloadGrads";
+size_t CudaStitchedModel::trained_index(const std::string& name, const char* op) const {
+  const size_t i = size_t(&tensor(name, op) - tensors_.data());
+  if (!gdev_[i])
+    fail("E_ARGUMENT", std::string(op) + ": '" + name + "' has no gradient (the stitched model was created " +
+                           (trainable_ ? "with gradients for other tensors only)" : "without gradients: frozen stitches)"));
+  return i;
+}
+
+void CudaStitchedModel::grads_copy(const std::vector<HostTensor>& t, bool upload) {
+  const char* op = upload ? "uploadGrads" : "downloadGrads";
   std::lock_guard<std::mutex> lock(mu_);
-  for (const HostTensor& t : out) {
-    const StitchTensor& st = tensor(t.name, op);
-    if (!gdev_[size_t(&st - tensors_.data())])
-      fail("E_ARGUMENT", std::string(op) + ": '" + t.name + "' has no gradient (the stitched model was created " +
-                             (trainable_ ? "with gradients for other tensors only)" : "without gradients: frozen stitches)"));
-  }
+  for (const HostTensor& x : t) trained_index(x.name, op);  // every name checked before anything is copied
   activate();
   Drain drain{s_};
-  for (const HostTensor& t : out) {
-    const StitchTensor& st = tensor(t.name, op);
-    const size_t i = size_t(&st - tensors_.data());
-    BTS_CUDA_CHECK(cudaMemcpyAsync(t.data, gdev_[i], size_t(st.numel) * sizeof(float), cudaMemcpyDeviceToHost, s_));
+  for (const HostTensor& x : t) {
+    const size_t i = trained_index(x.name, op);
+    const size_t bytes = size_t(tensors_[i].numel) * sizeof(float);
+    if (upload) BTS_CUDA_CHECK(cudaMemcpyAsync(gdev_[i], x.data, bytes, cudaMemcpyHostToDevice, s_));
+    else BTS_CUDA_CHECK(cudaMemcpyAsync(x.data, gdev_[i], bytes, cudaMemcpyDeviceToHost, s_));
   }
   BTS_CUDA_CHECK(cudaStreamSynchronize(s_));
 }
@@ -732,6 +746,67 @@ void CudaStitchedModel::zero_grads() {
   activate();
   Drain drain{s_};
   BTS_CUDA_CHECK(cudaMemsetAsync(sg_.get(), 0, sg_.bytes(), s_));
+  BTS_CUDA_CHECK(cudaStreamSynchronize(s_));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The optimizer on the device (as CudaLlamaModel's): AdamW moments in arenas shaped like the gradient
+// arena (allocated zeroed on first use), one cuda::adamw_step over the trained prefix [0, train_end_)
+// of the weight arena. Every element decays (n_decay = n): the host layout puts only matrices in a
+// stitched model's flat buffer (StitchedModel.nDecay = params.length).
+
+void CudaStitchedModel::ensure_moments() {
+  if (m_.get() || train_end_ == 0) return;
+  float* m = m_.floats(train_end_, "adamwStep (first moments)");
+  float* v = v_.floats(train_end_, "adamwStep (second moments)");
+  BTS_CUDA_CHECK(cudaMemsetAsync(m, 0, size_t(train_end_) * sizeof(float), s_));
+  BTS_CUDA_CHECK(cudaMemsetAsync(v, 0, size_t(train_end_) * sizeof(float), s_));
+}
+
+float CudaStitchedModel::adamw_step(const OptimStep& o) {
+  const char* op = "adamwStep";
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!trainable_) fail("E_ARGUMENT", std::string(op) + ": the stitched model was created without gradient buffers (frozen stitches)");
+  activate();
+  Drain drain{s_};
+  ensure_moments();
+  float* norm = static_cast<float*>(scalars_.grow(2 * sizeof(double), "adamwStep"));
+  bts::AdamWParams p;
+  p.n = train_end_;
+  p.n_decay = train_end_;
+  p.p = static_cast<float*>(sw_.get());
+  p.g = static_cast<const float*>(sg_.get());
+  p.m = static_cast<float*>(m_.get());
+  p.v = static_cast<float*>(v_.get());
+  p.lr = o.lr, p.beta1 = o.beta1, p.beta2 = o.beta2, p.eps = o.eps, p.weight_decay = o.weight_decay;
+  p.step = o.step;
+  p.max_grad_norm = o.max_grad_norm;
+  p.grad_norm = norm;
+  cuda::adamw_step(p, s_);  // checks the hyper-parameters (E_ARGUMENT) before launching
+  float out = 0.f;
+  BTS_CUDA_CHECK(cudaMemcpyAsync(&out, norm, sizeof(float), cudaMemcpyDeviceToHost, s_));
+  BTS_CUDA_CHECK(cudaStreamSynchronize(s_));
+  return out;
+}
+
+void CudaStitchedModel::moments_copy(const std::vector<HostTensor>& m, const std::vector<HostTensor>& v, bool upload) {
+  const char* op = upload ? "uploadMoments" : "downloadMoments";
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const std::vector<HostTensor>* ts : {&m, &v})
+    for (const HostTensor& t : *ts) trained_index(t.name, op);
+  activate();
+  Drain drain{s_};
+  ensure_moments();
+  for (int which = 0; which < 2; which++) {
+    float* base = static_cast<float*>((which == 0 ? m_ : v_).get());
+    for (const HostTensor& t : which == 0 ? m : v) {
+      const size_t i = trained_index(t.name, op);
+      float* d = base + g_off_[i];
+      const size_t bytes = size_t(tensors_[i].numel) * sizeof(float);
+      if (upload) BTS_CUDA_CHECK(cudaMemcpyAsync(d, t.data, bytes, cudaMemcpyHostToDevice, s_));
+      else BTS_CUDA_CHECK(cudaMemcpyAsync(t.data, d, bytes, cudaMemcpyDeviceToHost, s_));
+    }
+  }
   BTS_CUDA_CHECK(cudaStreamSynchronize(s_));
 }
 
@@ -755,7 +830,7 @@ size_t CudaStitchedModel::workspace_bytes() const {
 }
 
 size_t CudaStitchedModel::device_bytes() const {
-  size_t s = workspace_bytes() + sw_.bytes() + sg_.bytes();
+  size_t s = workspace_bytes() + sw_.bytes() + sg_.bytes() + m_.bytes() + v_.bytes();
   for (const auto& b : model_bufs_) s += b->bytes();
   return s;
 }

@@ -16,9 +16,12 @@
 //   CudaStitched: forwardBackward(inputs, targets, B, T, gradScale, seed), loss, logits, gates(tokens,
 //              out), createCache(slots, capacity), prefill(cache, slot, tokens, out), decode(cache,
 //              slots, tokens, out) (as NativeStitched, through llama_args.h's call_prefill /
-//              call_decode), uploadWeights(obj), downloadWeights(obj), downloadGrads(obj) (obj:
-//              Float32Arrays by stitch tensor name, a subset), zeroGrads() (all Promises), gradNames(),
-//              workspaceBytes(), deviceBytes(), device, dispose().
+//              call_decode), uploadWeights(obj), downloadWeights(obj), downloadGrads(obj),
+//              uploadGrads(obj) (obj: Float32Arrays by stitch tensor name, a subset), zeroGrads(),
+//              adamwStep({lr, beta1, beta2, eps, weightDecay, maxGradNorm, step}) -> gradNorm (the
+//              device optimizer over every stitch tensor with a gradient), uploadMoments(m, v),
+//              downloadMoments(m, v) (all Promises), gradNames(), workspaceBytes(), deviceBytes(),
+//              device, dispose().
 //   CudaStitchedCache: length, reset, truncate, slots, capacity, byteLength, dispose (as
 //              NativeStitchedCache: one device KV cache per model, advanced together).
 // Not here: bf16 weights (E_UNSUPPORTED from the engine); mapped weights (E_UNSUPPORTED, as llamaCreate).
@@ -78,7 +81,11 @@ class CudaStitchedWrap : public Napi::ObjectWrap<CudaStitchedWrap> {
                                          InstanceMethod<&W::Safe<&W::UploadWeights>>("uploadWeights"),
                                          InstanceMethod<&W::Safe<&W::DownloadWeights>>("downloadWeights"),
                                          InstanceMethod<&W::Safe<&W::DownloadGrads>>("downloadGrads"),
+                                         InstanceMethod<&W::Safe<&W::UploadGrads>>("uploadGrads"),
                                          InstanceMethod<&W::Safe<&W::ZeroGrads>>("zeroGrads"),
+                                         InstanceMethod<&W::Safe<&W::AdamwStep>>("adamwStep"),
+                                         InstanceMethod<&W::Safe<&W::UploadMoments>>("uploadMoments"),
+                                         InstanceMethod<&W::Safe<&W::DownloadMoments>>("downloadMoments"),
                                          InstanceMethod<&W::Safe<&W::GradNames>>("gradNames"),
                                          InstanceMethod<&W::Safe<&W::DeviceBytes>>("deviceBytes"),
                                          InstanceAccessor<&W::Safe<&W::Device>>("device")}),
@@ -114,6 +121,10 @@ class CudaStitchedWrap : public Napi::ObjectWrap<CudaStitchedWrap> {
   Napi::Value UploadWeights(const Napi::CallbackInfo& info) { return tensors_call(info, "uploadWeights"); }
   Napi::Value DownloadWeights(const Napi::CallbackInfo& info) { return tensors_call(info, "downloadWeights"); }
   Napi::Value DownloadGrads(const Napi::CallbackInfo& info) { return tensors_call(info, "downloadGrads"); }
+  Napi::Value UploadGrads(const Napi::CallbackInfo& info) { return tensors_call(info, "uploadGrads"); }
+  Napi::Value AdamwStep(const Napi::CallbackInfo& info);
+  Napi::Value UploadMoments(const Napi::CallbackInfo& info) { return moments_call(info, true); }
+  Napi::Value DownloadMoments(const Napi::CallbackInfo& info) { return moments_call(info, false); }
   Napi::Value ZeroGrads(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     std::shared_ptr<CudaStitchedModel> m = core(env, "zeroGrads");
@@ -144,6 +155,12 @@ class CudaStitchedWrap : public Napi::ObjectWrap<CudaStitchedWrap> {
 
  private:
   Napi::Value tensors_call(const Napi::CallbackInfo& info, const char* method);
+  // The Float32Arrays of obj by stitch tensor name, each of its tensor's numel (and, with `trained`,
+  // with a gradient), pinned into `pins`; E_ARGUMENT / E_SHAPE naming the method `m`.
+  std::vector<CudaStitchedModel::HostTensor> host_tensors(Napi::Env env, const Napi::Value& v, const std::string& m,
+                                                          const CudaStitchedModel& model, bool trained,
+                                                          std::vector<Napi::ObjectReference>& pins);
+  Napi::Value moments_call(const Napi::CallbackInfo& info, bool upload);
 
   Ctors* ctors_ = nullptr;
   uint64_t id_ = 0;
@@ -283,42 +300,82 @@ Napi::Value CudaStitchedWrap::Gates(const Napi::CallbackInfo& info) {
   return queue(env, "gates", [=] { m->gates(p_tk, T, p_out); }, nullptr, std::move(pins), this, nullptr);
 }
 
-// uploadWeights / downloadWeights / downloadGrads(obj): Float32Arrays by stitch tensor name, each of
-// its tensor's numel (and, for downloadGrads, with a gradient), checked here; the copies run on a worker.
-Napi::Value CudaStitchedWrap::tensors_call(const Napi::CallbackInfo& info, const char* method) {
-  Napi::Env env = info.Env();
-  const std::string m = std::string(kClass) + "." + method;
-  std::shared_ptr<CudaStitchedModel> model = core(env, method);
-  const bool grads = std::string(method) == "downloadGrads";
-  Napi::Value v = info.Length() > 0 ? info[0] : env.Undefined();
+std::vector<CudaStitchedModel::HostTensor> CudaStitchedWrap::host_tensors(Napi::Env env, const Napi::Value& v, const std::string& m,
+                                                                          const CudaStitchedModel& model, bool trained,
+                                                                          std::vector<Napi::ObjectReference>& pins) {
   if (!v.IsObject() || v.IsArray() || v.IsTypedArray())
     throw make_error(env, "E_ARGUMENT", m + ": expected an object of Float32Arrays by stitch tensor name, got " + describe(v));
   Napi::Object o = v.As<Napi::Object>();
   Napi::Array keys = o.GetPropertyNames();
-  std::vector<Napi::ObjectReference> pins;
-  pins.push_back(pin(info.This()));
   std::vector<CudaStitchedModel::HostTensor> ts;
   for (uint32_t i = 0; i < keys.Length(); i++) {
     const std::string name = keys.Get(i).ToString().Utf8Value();
     const StitchTensor* t = nullptr;
-    for (const StitchTensor& x : model->tensors())
+    for (const StitchTensor& x : model.tensors())
       if (x.name == name) t = &x;
     if (!t)
       throw make_error(env, "E_ARGUMENT", m + ": '" + name + "' is not a stitch tensor of " + std::to_string(K_) + " stitches and " +
                                               std::to_string(M_ - 1) + " experts");
-    if (grads && !model->has_grad(name))
+    if (trained && !model.has_grad(name))
       throw make_error(env, "E_ARGUMENT", m + ": '" + name + "' has no gradient (stitchedCreate options.grads did not include it)");
     Napi::TypedArray a = typed(env, o.Get(name), napi_float32_array, "Float32Array", t->numel, m + ": ['" + name + "']", "numel");
     pins.push_back(pin(a));
     ts.push_back({name, data_of<float>(a)});
   }
+  return ts;
+}
+
+// uploadWeights / downloadWeights / downloadGrads / uploadGrads(obj): checked here; the copies run on
+// a worker.
+Napi::Value CudaStitchedWrap::tensors_call(const Napi::CallbackInfo& info, const char* method) {
+  Napi::Env env = info.Env();
+  const std::string m = std::string(kClass) + "." + method;
+  std::shared_ptr<CudaStitchedModel> model = core(env, method);
   const std::string which = method;
+  const bool grads = which == "downloadGrads" || which == "uploadGrads";
+  std::vector<Napi::ObjectReference> pins;
+  pins.push_back(pin(info.This()));
+  std::vector<CudaStitchedModel::HostTensor> ts = host_tensors(env, info.Length() > 0 ? info[0] : env.Undefined(), m, *model, grads, pins);
   auto work = [model, ts, which] {
     if (which == "uploadWeights") model->upload_weights(ts);
     else if (which == "downloadWeights") model->download_weights(ts);
+    else if (which == "uploadGrads") model->upload_grads(ts);
     else model->download_grads(ts);
   };
   return queue(env, method, work, nullptr, std::move(pins), this, nullptr);
+}
+
+// uploadMoments / downloadMoments(m, v): Float32Arrays by name of stitch tensors with a gradient.
+Napi::Value CudaStitchedWrap::moments_call(const Napi::CallbackInfo& info, bool upload) {
+  Napi::Env env = info.Env();
+  const char* method = upload ? "uploadMoments" : "downloadMoments";
+  const std::string m = std::string(kClass) + "." + method;
+  std::shared_ptr<CudaStitchedModel> model = core(env, method);
+  std::vector<Napi::ObjectReference> pins;
+  pins.push_back(pin(info.This()));
+  std::vector<CudaStitchedModel::HostTensor> mt = host_tensors(env, info.Length() > 0 ? info[0] : env.Undefined(), m + ": m", *model, true, pins);
+  std::vector<CudaStitchedModel::HostTensor> vt = host_tensors(env, info.Length() > 1 ? info[1] : env.Undefined(), m + ": v", *model, true, pins);
+  auto work = [model, mt, vt, upload] {
+    if (upload) model->upload_moments(mt, vt);
+    else model->download_moments(mt, vt);
+  };
+  return queue(env, method, work, nullptr, std::move(pins), this, nullptr);
+}
+
+// adamwStep(hyper) -> Promise<gradNorm>
+Napi::Value CudaStitchedWrap::AdamwStep(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const std::string m = std::string(kClass) + ".adamwStep";
+  std::shared_ptr<CudaStitchedModel> model = core(env, "adamwStep");
+  if (!model->trainable())
+    throw make_error(env, "E_ARGUMENT", m + ": the stitched model was created without gradient buffers (frozen stitches); pass { grads: true } to stitchedCreate to train");
+  CudaStitchedModel::OptimStep s;
+  bts::cuda::parse_adamw_hyper(env, info.Length() > 0 ? info[0] : env.Undefined(), m, &s);
+  std::vector<Napi::ObjectReference> pins;
+  pins.push_back(pin(info.This()));
+  auto norm = std::make_shared<float>(0.f);
+  return queue(env, "adamwStep", [model, s, norm] { *norm = model->adamw_step(s); },
+               [norm](Napi::Env e) -> Napi::Value { return Napi::Number::New(e, double(*norm)); }, std::move(pins), this, nullptr);
 }
 
 Napi::Value StitchedCreate(const Napi::CallbackInfo& info) {

@@ -26,14 +26,19 @@
 //   computed on the host from the device logits). Config and argument checks are llama.h's.
 // - Stitch gradients are chosen by name (`trained`) and ACCUMULATED (+=) on the device;
 //   download_grads copies them to host arrays, zero_grads clears them and upload_weights replaces
-//   stitch tensors, so a host-side optimizer drives training (no device optimizer here yet).
+//   stitch tensors, so a host-side optimizer can drive training. adamw_step is the device optimizer,
+//   as CudaLlamaModel's: the weight arena holds the trained tensors first and the gradient and moment
+//   arenas cover that prefix with the same offsets, so one cuda::adamw_step (global norm, clip,
+//   update) updates every trained stitch tensor in place; upload_moments / download_moments move the
+//   moments by name (checkpoints).
 // - Plain C++ header (no CUDA headers), as llama_cuda.h: the Node binding includes it.
 //
 // - KV-cached prefill / decode mirror stitched.cc's decode_rows: the caches are the CPU engine's
 //   StitchedCache bookkeeping (ModelCaches) over one DeviceKvCache per model; block j of every model
 //   through block_decode (block.cu), then the stitch at j on the rows, then the hub's head.
 //
-// Known limits: fp32 weights only (E_UNSUPPORTED for bf16); no device optimizer for the stitches; the
+// Known limits: fp32 weights only (E_UNSUPPORTED for bf16); the device optimizer's global norm is
+// summed in another order than the CPU's flat buffer (equal to rounding, not bit for bit); the
 // models run one after the other (no grouped launch of the M models' blocks, in decode one attention
 // launch per slot and model); verified under the SIMT emulator only (docs/CUDA.md).
 #pragma once
@@ -125,8 +130,21 @@ class CudaStitchedModel {
   // anything is copied.
   void upload_weights(const std::vector<HostTensor>& w);
   void download_weights(const std::vector<HostTensor>& out);
-  void download_grads(const std::vector<HostTensor>& out);
+  void download_grads(const std::vector<HostTensor>& out) { grads_copy(out, false); }
+  // Replaces gradients (e.g. by host copies masked to trainable slices, lib/stitch/model.ts).
+  void upload_grads(const std::vector<HostTensor>& g) { grads_copy(g, true); }
   void zero_grads();  // every stitch gradient = 0
+
+  // One AdamW step on the device over every stitch tensor with a gradient, the semantics of
+  // AdamWParams in bts/ops.h (global gradient-norm clipping, bias correction by `step`, decoupled
+  // weight decay on every element: each stitch tensor is a matrix, as the host layout's nDecay =
+  // params.length says). Moments start at zero unless uploaded. Returns the global gradient norm
+  // before clipping. E_ARGUMENT for frozen stitches or bad hyper-parameters (before anything runs).
+  using OptimStep = AdamWHyper;
+  float adamw_step(const OptimStep& o);
+  // AdamW moments by stitch tensor name (tensors with a gradient; E_ARGUMENT otherwise), host <-> device.
+  void upload_moments(const std::vector<HostTensor>& m, const std::vector<HostTensor>& v) { moments_copy(m, v, true); }
+  void download_moments(const std::vector<HostTensor>& m, const std::vector<HostTensor>& v) { moments_copy(m, v, false); }
 
   void release();  // frees the workspaces (they regrow on the next call)
   // Device bytes of the workspaces, and of everything the model holds (plus weights and gradients).
@@ -166,12 +184,17 @@ class CudaStitchedModel {
   // losses [N] (device, may be null); with dh (device [N, D]) the gradient w.r.t. h (frozen head).
   void hub_loss(const float* h, int64_t N, const int32_t* targets, float* losses, float grad_scale, float* dh);
   Loss read_loss();
+  size_t trained_index(const std::string& name, const char* op) const;  // tensor with a gradient, or E_ARGUMENT
+  void grads_copy(const std::vector<HostTensor>& t, bool upload);
+  void ensure_moments();
+  void moments_copy(const std::vector<HostTensor>& m, const std::vector<HostTensor>& v, bool upload);
 
   LlamaConfig c_;
   StitchSpec spec_;
   StitchPlan plan_;
   std::vector<StitchTensor> tensors_;        // the format's table: per stitch n projections, then the gate
-  std::vector<int64_t> w_off_, g_off_;       // per tensor: float offset in the arenas (g: -1 = frozen)
+  std::vector<int64_t> w_off_, g_off_;       // per tensor: float offset in the arenas (g: -1 = frozen; else g = w)
+  int64_t train_end_ = 0;                    // floats [0, train_end_) of the weight arena are the trained tensors
   std::vector<float*> wdev_;                 // per tensor: device pointer of the weight
   std::vector<float*> gdev_;                 // per tensor: device pointer of the gradient (null: frozen)
   int64_t first_trained_ = 0;                // lowest ACTIVE stitch with a gradient (K: none)
@@ -183,6 +206,7 @@ class CudaStitchedModel {
   std::vector<std::unique_ptr<DeviceBuffer>> model_bufs_;  // [M] each model's weights arena
   std::vector<ModelWeights> mw_;                           // [M] device pointers into them
   DeviceBuffer sw_, sg_;                                   // stitch weights and gradients arenas
+  DeviceBuffer m_, v_;                                     // AdamW moments, layout of sg_ (made by the first optimizer call)
 
   DeviceWorkspace ws_;
   DevicePositions rows_;
