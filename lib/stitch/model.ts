@@ -85,6 +85,8 @@ export interface StitchManifest {
   expertStream: 'projected' | 'unchanged';
   hubBias: number;
   gateDropout: number;
+  /** Seed of the gate-dropout masks (training only; optional on disk, default 0). */
+  seed?: number;
   init: string;
   dModel: number;
   numExperts: number;
@@ -171,6 +173,7 @@ export class StitchedModel implements CausalDecoder {
     if (o.expertStream !== 'projected' && o.expertStream !== 'unchanged') throw new ArgumentError(`StitchedModel: expertStream must be 'projected' or 'unchanged', got '${String(o.expertStream)}'`);
     if (!Number.isFinite(o.hubBias)) throw new ArgumentError(`StitchedModel: hubBias must be finite, got ${o.hubBias}`);
     if (!(o.gateDropout >= 0 && o.gateDropout < 1)) throw new ArgumentError(`StitchedModel: gateDropout must be in [0, 1), got ${o.gateDropout}`);
+    if (!Number.isSafeInteger(o.seed) || o.seed < 0 || o.seed > 2 ** 32) throw new ArgumentError(`StitchedModel: seed must be an integer in [0, 2^32], got ${o.seed}`);
     this.hub = hub;
     this.experts = experts;
     this.expertNames = names;
@@ -223,7 +226,7 @@ export class StitchedModel implements CausalDecoder {
     const experts: LlamaModel[] = [];
     for (const e of man.experts) experts.push(await LlamaModel.load(resolve(e.path), { trainable: false, dtype: options.dtype }));
     if (hub.config.hiddenSize !== man.dModel || experts.length !== man.numExperts) throw new FormatError(`${dir}/stitch.json: dModel ${man.dModel} / numExperts ${man.numExperts} do not match the models (D=${hub.config.hiddenSize}, n=${experts.length})`);
-    const m = new StitchedModel(hub, experts, man.experts.map((e) => e.name), man.stitches, { expertStream: man.expertStream, hubBias: man.hubBias, gateDropout: man.gateDropout, seed: 0, init: man.init }, null);
+    const m = new StitchedModel(hub, experts, man.experts.map((e) => e.name), man.stitches, { expertStream: man.expertStream, hubBias: man.hubBias, gateDropout: man.gateDropout, seed: man.seed ?? 0, init: man.init }, null);
     m.ownsMembers = true;
     using st = openSafetensors(path.join(dir, 'stitches.safetensors'));
     for (const t of m.tensors) {
@@ -261,6 +264,7 @@ export class StitchedModel implements CausalDecoder {
       expertStream: this.expertStream,
       hubBias: this.hubBias,
       gateDropout: this.gateDropout,
+      seed: this.seed,
       init: this.init,
       dModel: this.hub.config.hiddenSize,
       numExperts: this.experts.length,
@@ -687,6 +691,7 @@ export function readManifest(dir: string): StitchManifest {
     expertStream: expertStream as 'projected' | 'unchanged',
     hubBias: num('hubBias', 0),
     gateDropout: num('gateDropout', 0),
+    seed: num('seed', 0),
     init: typeof j.init === 'string' ? j.init : 'identity-zero',
     dModel: num('dModel', 0),
     numExperts: num('numExperts', experts.length),

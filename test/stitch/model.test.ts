@@ -93,9 +93,14 @@ describe('StitchedModel layout and init', () => {
       const [hub, e0] = models(2);
       await hub.save(path.join(dir, 'hub'));
       await e0.save(path.join(dir, 'e0'));
-      const m = StitchedModel.create(hub, [e0], { K: 1, expertNames: ['code'] });
+      const m = StitchedModel.create(hub, [e0], { K: 1, expertNames: ['code'], seed: 7, gateDropout: 0.1 });
       await m.save(path.join(dir, 'stitched'));
       const man = readManifest(path.join(dir, 'stitched'));
+      // The dropout seed round-trips, so a resumed stitch training draws the same masks.
+      expect(man.seed).toBe(7);
+      const back = await StitchedModel.load(path.join(dir, 'stitched'));
+      expect([back.seed, back.gateDropout]).toEqual([7, 0.1]);
+      back.dispose();
       expect(man.hub.path).toBe('../hub');
       expect(man.experts[0]).toMatchObject({ name: 'code', path: '../e0', sha256: modelWeightsSha256(path.join(dir, 'e0')) });
       expect(man.stitches).toEqual([{ afterBlock: 4, type: 'eh' }]);
