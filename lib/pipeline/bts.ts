@@ -149,6 +149,16 @@ export const DEFAULT_MIX: Record<Domain, number> = { code: 0.15, math: 0.15, mul
 /** The seed's pretraining mixture (a generalist: mostly English, a little of every domain). */
 export const SEED_MIX: Record<Domain, number> = { code: 0.1, math: 0.1, multilingual: 0.1, english: 0.7 };
 const EXPERT_DOMAINS: Domain[] = ['code', 'math', 'multilingual'];
+/** Held-out batches a trainer evaluates (the logged held-out loss; the table uses the test split). */
+const EVAL_BATCHES = 4;
+
+/** The first `n` tokens of a corpus (its documents cut there). */
+function headOf(c: TokenCorpus, n: number): TokenCorpus {
+  if (!(n < c.tokens.length)) return c;
+  let d = 0;
+  while (d < c.docStarts.length && c.docStarts[d] < n) d++;
+  return { tokens: c.tokens.subarray(0, n), docStarts: c.docStarts.subarray(0, d), vocabSize: c.vocabSize };
+}
 
 function log(o: PipelineOptions, msg: string): void {
   if (o.progress !== false) process.stderr.write(`${msg}\n`);
@@ -221,17 +231,25 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
         }
     writeFileAtomic(path.join(tokDir, 'done.json'), JSON.stringify({ tokenizer: tokFile }));
   });
-  const tokens = async (d: Domain, split: 'train' | 'validation' | 'test'): Promise<TokenCorpus> => {
-    const parts = await Promise.all(corpus.parts(d).map((p) => loadTokens(tokPath(d, p, split))));
+  // A domain's split: its parts concatenated, each cut to its first `capPerPart` tokens when given.
+  const tokens = async (d: Domain, split: 'train' | 'validation' | 'test', capPerPart = Infinity): Promise<TokenCorpus> => {
+    const parts = await Promise.all(corpus.parts(d).map(async (p) => headOf(await loadTokens(tokPath(d, p, split)), capPerPart)));
     const { concatCorpora } = await import('../data/tokens.js');
     return concatCorpora(parts, tokenizer.vocabSize);
   };
+
+  // The held-out sets the trainers log (validation split). A trainer evaluates its first
+  // EVAL_BATCHES batches only, i.e. the first EVAL_BATCHES * B * T tokens; so every part (and, in the
+  // mixture, every domain) contributes its share of that budget from its own start. A plain
+  // concatenation would evaluate the first part alone (e.g. one language of the multilingual domain).
+  const evalBudget = EVAL_BATCHES * scale.batchSize * scale.seqLen;
+  const held = (d: Domain, share = 1): Promise<TokenCorpus> => tokens(d, 'validation', Math.ceil((evalBudget * share) / corpus.parts(d).length));
 
   // Domain corpora for the mixtures (seed, dense baseline, stitches).
   const mixTrain = async (): Promise<Record<string, TokenCorpus>> => Object.fromEntries(await Promise.all(DOMAINS.map(async (d) => [d, await tokens(d, 'train')] as const)));
   const mixHeld = async (): Promise<TokenCorpus> => {
     const { concatCorpora } = await import('../data/tokens.js');
-    return concatCorpora(await Promise.all(DOMAINS.map((d) => tokens(d, 'validation'))), tokenizer.vocabSize);
+    return concatCorpora(await Promise.all(DOMAINS.map((d) => held(d, 1 / DOMAINS.length))), tokenizer.vocabSize);
   };
 
   // 4. seed
@@ -247,7 +265,7 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
   };
   await phase('seed', () => fs.existsSync(path.join(seedDir, 'train.json')), async () => {
     const model = LlamaModel.random(config, { seed, tokenizer });
-    const r = await runTraining(model, { ...train('seed'), ...llamaIO, train: await mixTrain(), mixWeights: o.seedMix ?? SEED_MIX, heldOut: await tokens('english', 'validation'), out: seedDir, steps: scale.seedSteps, lr: scale.lr, evalBatches: 4, title: 'Seed pretraining (general mixture, mostly English)' });
+    const r = await runTraining(model, { ...train('seed'), ...llamaIO, train: await mixTrain(), mixWeights: o.seedMix ?? SEED_MIX, heldOut: await held('english'), out: seedDir, steps: scale.seedSteps, lr: scale.lr, evalBatches: EVAL_BATCHES, title: 'Seed pretraining (general mixture, mostly English)' });
     (r.model as LlamaModel).dispose();
   });
 
@@ -256,7 +274,7 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
     const dir = path.join(out, 'experts', d);
     await phase(`expert:${d}`, () => fs.existsSync(path.join(dir, 'train.json')), async () => {
       const model = await LlamaModel.load(seedDir, { trainable: true }); // the branch: a copy of the seed
-      const r = await runTraining(model, { ...train(`expert ${d}`), ...llamaIO, train: await tokens(d, 'train'), heldOut: await tokens(d, 'validation'), out: dir, steps: scale.expertSteps, lr: scale.lr / 2, warmupSteps: Math.max(1, Math.floor(scale.expertSteps / 20)), evalBatches: 4, title: `Expert training: ${d}` });
+      const r = await runTraining(model, { ...train(`expert ${d}`), ...llamaIO, train: await tokens(d, 'train'), heldOut: await held(d), out: dir, steps: scale.expertSteps, lr: scale.lr / 2, warmupSteps: Math.max(1, Math.floor(scale.expertSteps / 20)), evalBatches: EVAL_BATCHES, title: `Expert training: ${d}` });
       (r.model as LlamaModel).dispose();
     });
   }
@@ -265,7 +283,7 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
   const denseDir = path.join(out, 'dense');
   await phase('dense', () => fs.existsSync(path.join(denseDir, 'train.json')), async () => {
     const model = await LlamaModel.load(seedDir, { trainable: true });
-    const r = await runTraining(model, { ...train('dense'), ...llamaIO, train: await mixTrain(), mixWeights: mix, heldOut: await mixHeld(), out: denseDir, steps: scale.stitchSteps, lr: scale.lr / 2, evalBatches: 4, title: 'Dense baseline: seed on the datamix' });
+    const r = await runTraining(model, { ...train('dense'), ...llamaIO, train: await mixTrain(), mixWeights: mix, heldOut: await mixHeld(), out: denseDir, steps: scale.stitchSteps, lr: scale.lr / 2, evalBatches: EVAL_BATCHES, title: 'Dense baseline: seed on the datamix' });
     (r.model as LlamaModel).dispose();
   });
 
@@ -288,7 +306,7 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
       lr: scale.stitchLr,
       minLrRatio: 0.01,
       weightDecay: 0,
-      evalBatches: 4,
+      evalBatches: EVAL_BATCHES,
       title: `Stitch training (hub + ${experts.length} experts, K=${scale.K})`,
       saveFinal: async (m, dir) => (m as StitchedModel).save(dir),
       loadCheckpointModel: async (dir) => StitchedModel.load(dir),
@@ -310,7 +328,7 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
       await phase(`variant:${path.basename(v.dir)}`, () => fs.existsSync(path.join(v.dir, 'train.json')), async () => {
         const model = await v.make();
         const r = await runTraining(model, {
-          ...train(v.name), train: await mixTrain(), mixWeights: mix, heldOut: await mixHeld(), out: v.dir, steps: v.steps, lr: scale.stitchLr, minLrRatio: 0.01, weightDecay: 0, evalBatches: 4, title: v.name,
+          ...train(v.name), train: await mixTrain(), mixWeights: mix, heldOut: await mixHeld(), out: v.dir, steps: v.steps, lr: scale.stitchLr, minLrRatio: 0.01, weightDecay: 0, evalBatches: EVAL_BATCHES, title: v.name,
           saveFinal: async (m, dir) => (m as StitchedModel).save(dir),
           loadCheckpointModel: async (dir) => StitchedModel.load(dir),
         });
