@@ -211,7 +211,8 @@ CudaLlamaModel::~CudaLlamaModel() {
   cudaStreamSynchronize(s_);
   ws_.release();
   rows_.release();
-  for (DeviceBuffer* b : {&weights_, &grads_, &m_, &v_, &stream_, &acts_, &xf_, &rstdf_, &dx_, &x_, &ids_, &tg_, &losses_, &logits_, &scalars_}) b->release();
+  for (DeviceBuffer* b : {&weights_, &grads_, &stream_, &acts_, &xf_, &rstdf_, &dx_, &x_, &ids_, &tg_, &losses_, &logits_, &scalars_}) b->release();
+  opt_.release();
   cudaStreamDestroy(s_);
 }
 
@@ -493,39 +494,14 @@ void CudaLlamaModel::zero_grads() {
 // The optimizer on the device: AdamW moments in arenas shaped like the gradients (allocated zeroed on
 // first use), one cuda::adamw_step over the trained prefix of the arenas.
 
-void CudaLlamaModel::ensure_moments() {
-  if (m_.get()) return;
-  if (train_end_ == 0) return;
-  float* m = m_.floats(train_end_, "adamwStep (first moments)");
-  float* v = v_.floats(train_end_, "adamwStep (second moments)");
-  BTS_CUDA_CHECK(cudaMemsetAsync(m, 0, size_t(train_end_) * sizeof(float), s_));
-  BTS_CUDA_CHECK(cudaMemsetAsync(v, 0, size_t(train_end_) * sizeof(float), s_));
-}
-
 float CudaLlamaModel::adamw_step(const OptimStep& o) {
   const char* op = "adamwStep";
   std::lock_guard<std::mutex> lock(mu_);
   if (!trainable_) fail("E_ARGUMENT", std::string(op) + ": the model was created without gradients (frozen)");
   activate();
   Drain drain{s_};
-  ensure_moments();
-  float* norm = static_cast<float*>(scalars_.grow(2 * sizeof(double), "adamwStep"));
-  bts::AdamWParams p;
-  p.n = train_end_;
-  p.n_decay = decay_end_;
-  p.p = static_cast<float*>(weights_.get());
-  p.g = static_cast<const float*>(grads_.get());
-  p.m = static_cast<float*>(m_.get());
-  p.v = static_cast<float*>(v_.get());
-  p.lr = o.lr, p.beta1 = o.beta1, p.beta2 = o.beta2, p.eps = o.eps, p.weight_decay = o.weight_decay;
-  p.step = o.step;
-  p.max_grad_norm = o.max_grad_norm;
-  p.grad_norm = norm;
-  cuda::adamw_step(p, s_);  // checks the hyper-parameters (E_ARGUMENT) before launching
-  float out = 0.f;
-  BTS_CUDA_CHECK(cudaMemcpyAsync(&out, norm, sizeof(float), cudaMemcpyDeviceToHost, s_));
-  BTS_CUDA_CHECK(cudaStreamSynchronize(s_));
-  return out;
+  opt_.ensure(train_end_, s_);
+  return opt_.step(static_cast<float*>(weights_.get()), static_cast<const float*>(grads_.get()), decay_end_, o, scalars_, s_);
 }
 
 void CudaLlamaModel::moments_copy(const std::vector<HostTensor>& m, const std::vector<HostTensor>& v, bool upload) {
@@ -538,15 +514,11 @@ void CudaLlamaModel::moments_copy(const std::vector<HostTensor>& m, const std::v
     }
   activate();
   Drain drain{s_};
-  ensure_moments();
+  opt_.ensure(train_end_, s_);
   for (int which = 0; which < 2; which++) {
-    float* base = static_cast<float*>((which == 0 ? m_ : v_).get());
     for (const HostTensor& t : which == 0 ? m : v) {
       const TensorSpec& sp = spec(t.name, op);
-      float* d = base + g_off_[size_t(&sp - specs_.data())];
-      const size_t bytes = size_t(sp.numel) * sizeof(float);
-      if (upload) BTS_CUDA_CHECK(cudaMemcpyAsync(d, t.data, bytes, cudaMemcpyHostToDevice, s_));
-      else BTS_CUDA_CHECK(cudaMemcpyAsync(t.data, d, bytes, cudaMemcpyDeviceToHost, s_));
+      opt_.copy(which, g_off_[size_t(&sp - specs_.data())], sp.numel, t.data, upload, s_);
     }
   }
   BTS_CUDA_CHECK(cudaStreamSynchronize(s_));
@@ -567,7 +539,7 @@ size_t CudaLlamaModel::workspace_bytes() const {
   return s;
 }
 
-size_t CudaLlamaModel::device_bytes() const { return workspace_bytes() + weights_.bytes() + grads_.bytes() + m_.bytes() + v_.bytes(); }
+size_t CudaLlamaModel::device_bytes() const { return workspace_bytes() + weights_.bytes() + grads_.bytes() + opt_.bytes(); }
 
 }  // namespace engine
 }  // namespace cuda

@@ -156,6 +156,31 @@ struct AdamWHyper {
   int64_t step = 1;
 };
 
+// The device optimizer state of a device-resident model (CudaLlamaModel, CudaStitchedModel; glue.cu):
+// AdamW moments m, v [n] laid out like the model's trained arena prefix (weights and gradients at the
+// same offsets), allocated zeroed on first use, and one fused cuda::adamw_step over that prefix. The
+// caller holds its model's lock and stream.
+class DeviceAdamW {
+ public:
+  // Moments of n floats, zeroed, the first time (n == 0: nothing to allocate).
+  void ensure(int64_t n, cudaStream_t s);
+  // One step over p, g [n] (n of ensure; [0, n_decay) decays); `scratch` holds the norm on the device.
+  // Synchronises `s`; returns the global gradient norm before clipping. E_ARGUMENT for bad h.
+  float step(float* p, const float* g, int64_t n_decay, const AdamWHyper& h, DeviceBuffer& scratch, cudaStream_t s);
+  // Queues a copy of moment `which` (0: m, 1: v) floats [off, off + count) to (upload) or from a host array.
+  void copy(int which, int64_t off, int64_t count, float* host, bool upload, cudaStream_t s);
+  size_t bytes() const { return m_.bytes() + v_.bytes(); }
+  void release() {
+    m_.release();
+    v_.release();
+    n_ = 0;
+  }
+
+ private:
+  DeviceBuffer m_, v_;
+  int64_t n_ = 0;
+};
+
 // ---------------------------------------------------------------------------------------------------
 // The whole model on one device. Public calls are serialised by a mutex (one stream, shared
 // workspaces), validate their arguments before queuing anything, and return when their results are
@@ -228,7 +253,6 @@ class CudaLlamaModel {
   const float* forward_nosave(const int32_t* ids, int64_t B, int64_t T);
   void head_loss(const float* xf, int64_t N, const int32_t* targets, float* losses, float grad_scale, float* dx, float* dw);
   Loss read_loss();
-  void ensure_moments();
   void moments_copy(const std::vector<HostTensor>& m, const std::vector<HostTensor>& v, bool upload);
   void decode_rows(DeviceKvCache& cache, const DecodeSegment* segs, int64_t nsegs, const int32_t* tokens, int64_t R,
                    int64_t out_row0, float* out);
@@ -241,7 +265,7 @@ class CudaLlamaModel {
   mutable std::mutex mu_;
 
   DeviceBuffer weights_, grads_;  // arenas (every tensor 256-byte aligned; trained prefix shared, see the constructor)
-  DeviceBuffer m_, v_;            // AdamW moments, layout of grads_ (allocated by the first optimizer call)
+  DeviceAdamW opt_;               // AdamW moments, layout of grads_ (allocated by the first optimizer call)
   int64_t decay_end_ = 0;         // floats [0, decay_end_) of the arenas are trained matrices (decayed)
   int64_t train_end_ = 0;         // floats [0, train_end_) are trained tensors (the gradient arena's extent)
   ModelWeights w_;                // device pointers into weights_

@@ -277,8 +277,9 @@ CudaStitchedModel::~CudaStitchedModel() {
   ws_.release();
   rows_.release();
   for (DeviceBuffer* b : {&x0_, &xs_, &mix_, &G_, &xf_, &rstdf_, &states_, &dh0_, &dhs_, &dtmp_, &dG_, &ids_, &tg_, &losses_, &logits_,
-                          &scalars_, &sw_, &sg_, &m_, &v_})
+                          &scalars_, &sw_, &sg_})
     b->release();
+  opt_.release();
   model_bufs_.clear();
   cudaStreamDestroy(s_);
 }
@@ -755,38 +756,14 @@ void CudaStitchedModel::zero_grads() {
 // of the weight arena. Every element decays (n_decay = n): the host layout puts only matrices in a
 // stitched model's flat buffer (StitchedModel.nDecay = params.length).
 
-void CudaStitchedModel::ensure_moments() {
-  if (m_.get() || train_end_ == 0) return;
-  float* m = m_.floats(train_end_, "adamwStep (first moments)");
-  float* v = v_.floats(train_end_, "adamwStep (second moments)");
-  BTS_CUDA_CHECK(cudaMemsetAsync(m, 0, size_t(train_end_) * sizeof(float), s_));
-  BTS_CUDA_CHECK(cudaMemsetAsync(v, 0, size_t(train_end_) * sizeof(float), s_));
-}
-
 float CudaStitchedModel::adamw_step(const OptimStep& o) {
   const char* op = "adamwStep";
   std::lock_guard<std::mutex> lock(mu_);
   if (!trainable_) fail("E_ARGUMENT", std::string(op) + ": the stitched model was created without gradient buffers (frozen stitches)");
   activate();
   Drain drain{s_};
-  ensure_moments();
-  float* norm = static_cast<float*>(scalars_.grow(2 * sizeof(double), "adamwStep"));
-  bts::AdamWParams p;
-  p.n = train_end_;
-  p.n_decay = train_end_;
-  p.p = static_cast<float*>(sw_.get());
-  p.g = static_cast<const float*>(sg_.get());
-  p.m = static_cast<float*>(m_.get());
-  p.v = static_cast<float*>(v_.get());
-  p.lr = o.lr, p.beta1 = o.beta1, p.beta2 = o.beta2, p.eps = o.eps, p.weight_decay = o.weight_decay;
-  p.step = o.step;
-  p.max_grad_norm = o.max_grad_norm;
-  p.grad_norm = norm;
-  cuda::adamw_step(p, s_);  // checks the hyper-parameters (E_ARGUMENT) before launching
-  float out = 0.f;
-  BTS_CUDA_CHECK(cudaMemcpyAsync(&out, norm, sizeof(float), cudaMemcpyDeviceToHost, s_));
-  BTS_CUDA_CHECK(cudaStreamSynchronize(s_));
-  return out;
+  opt_.ensure(train_end_, s_);
+  return opt_.step(static_cast<float*>(sw_.get()), static_cast<const float*>(sg_.get()), train_end_, o, scalars_, s_);
 }
 
 void CudaStitchedModel::moments_copy(const std::vector<HostTensor>& m, const std::vector<HostTensor>& v, bool upload) {
@@ -796,15 +773,11 @@ void CudaStitchedModel::moments_copy(const std::vector<HostTensor>& m, const std
     for (const HostTensor& t : *ts) trained_index(t.name, op);
   activate();
   Drain drain{s_};
-  ensure_moments();
+  opt_.ensure(train_end_, s_);
   for (int which = 0; which < 2; which++) {
-    float* base = static_cast<float*>((which == 0 ? m_ : v_).get());
     for (const HostTensor& t : which == 0 ? m : v) {
       const size_t i = trained_index(t.name, op);
-      float* d = base + g_off_[i];
-      const size_t bytes = size_t(tensors_[i].numel) * sizeof(float);
-      if (upload) BTS_CUDA_CHECK(cudaMemcpyAsync(d, t.data, bytes, cudaMemcpyHostToDevice, s_));
-      else BTS_CUDA_CHECK(cudaMemcpyAsync(t.data, d, bytes, cudaMemcpyDeviceToHost, s_));
+      opt_.copy(which, g_off_[i], tensors_[i].numel, t.data, upload, s_);
     }
   }
   BTS_CUDA_CHECK(cudaStreamSynchronize(s_));
@@ -830,7 +803,7 @@ size_t CudaStitchedModel::workspace_bytes() const {
 }
 
 size_t CudaStitchedModel::device_bytes() const {
-  size_t s = workspace_bytes() + sw_.bytes() + sg_.bytes() + m_.bytes() + v_.bytes();
+  size_t s = workspace_bytes() + sw_.bytes() + sg_.bytes() + opt_.bytes();
   for (const auto& b : model_bufs_) s += b->bytes();
   return s;
 }

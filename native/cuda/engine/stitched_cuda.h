@@ -186,7 +186,6 @@ class CudaStitchedModel {
   Loss read_loss();
   size_t trained_index(const std::string& name, const char* op) const;  // tensor with a gradient, or E_ARGUMENT
   void grads_copy(const std::vector<HostTensor>& t, bool upload);
-  void ensure_moments();
   void moments_copy(const std::vector<HostTensor>& m, const std::vector<HostTensor>& v, bool upload);
 
   LlamaConfig c_;
@@ -206,7 +205,7 @@ class CudaStitchedModel {
   std::vector<std::unique_ptr<DeviceBuffer>> model_bufs_;  // [M] each model's weights arena
   std::vector<ModelWeights> mw_;                           // [M] device pointers into them
   DeviceBuffer sw_, sg_;                                   // stitch weights and gradients arenas
-  DeviceBuffer m_, v_;                                     // AdamW moments, layout of sg_ (made by the first optimizer call)
+  DeviceAdamW opt_;  // AdamW moments, layout of sg_ (made by the first optimizer call)
 
   DeviceWorkspace ws_;
   DevicePositions rows_;
