@@ -269,9 +269,9 @@ describe('the CUDA addon built by CMake (bts_cuda.node)', () => {
     return JSON.parse(r.stdout) as { keys: string[]; probe: Record<string, unknown>; ops: unknown };
   };
 
-  it('loads without a GPU and exports probe, listOps, callOp, callOpAsync, llamaCreate', () => {
+  it('loads without a GPU and exports probe, listOps, callOp, callOpAsync, llamaCreate, stitchedCreate', () => {
     const { keys, probe } = probeChild();
-    expect(keys.sort()).toEqual(['callOp', 'callOpAsync', 'listOps', 'llamaCreate', 'probe']);
+    expect(keys.sort()).toEqual(['callOp', 'callOpAsync', 'listOps', 'llamaCreate', 'probe', 'stitchedCreate']);
     expect(probe.emulated).toBe(false);
     expect(probe.runtimeVersion as number).toBeGreaterThanOrEqual(12000);
     if (!hasLibcuda) {
