@@ -75,7 +75,8 @@ export interface PipelineScale {
   corpusMb?: number;
   /**
    * Also train and evaluate the ablations of the paper's table: BTS K=1, BTS all E->H, and BTS
-   * without the math expert after a short retraining (stitchSteps / 4 steps).
+   * without the math expert after a short retraining (stitchSteps / 4 steps at a quarter of stitchLr,
+   * no warmup).
    */
   variants?: boolean;
 }
@@ -84,16 +85,16 @@ export interface PipelineScale {
 export const SCALES: Record<string, PipelineScale> = {
   toy: { name: 'toy', model: { D: 32, L: 2, H: 2, Hkv: 1, F: 64 }, vocabSize: 384, tokenizerMb: 0.3, seqLen: 32, batchSize: 4, seedSteps: 30, expertSteps: 100, stitchSteps: 60, K: 2, lr: 1e-2, stitchLr: 2e-2, evalTokens: 2000, mathProblems: 3, mathMaxTokens: 12, corpusPreset: 'default' },
   /**
-   * The reproduce run of issue 5, sized for about 90 minutes on 2 idle cores with the full corpora
+   * The reproduce run of issue 5, sized for about two hours on 2 idle cores with the full corpora
    * (`bts data --preset full`, about 11 min of that): an 8.6M-parameter seed (config (a) of the engine
-   * benchmark, vocab 8192, untied) pretrained on 3.7M tokens of the seed mix, three experts on 1.3M
-   * tokens each, then the dense baseline and the stitch runs (K=4, K=1, all E->H on 0.8M tokens each
-   * of the datamix, no-math retrained on a quarter of that): about 10M training tokens in all.
-   * Chosen by measured speed (about 3000 training tokens/s for this shape, 1700 for a hub + 3 experts
-   * stitch step) so that the whole table completes in one sitting; a two-hour budget buys about 1.4x
-   * these step counts (seedSteps 1200, expertSteps 400, stitchSteps 240), which is a one-line change.
+   * benchmark, vocab 8192, untied) pretrained on 9.8M tokens of the seed mix, three experts on 1.6M
+   * tokens each, then the dense baseline and the stitch runs (K=4, K=1, all E->H on 1.2M tokens each
+   * of the datamix, no-math retrained on a quarter of that): about 20M training tokens in all.
+   * Chosen by measured speed on this machine (about 4000 training tokens/s for the seed's shape, 1700
+   * for a hub + 3 experts stitch step, 13 min of evaluation) so that the whole table completes in one
+   * sitting. The seed takes half the token budget: every later phase starts from it.
    */
-  reproduce: { name: 'reproduce', model: { D: 256, L: 6, H: 8, Hkv: 4, F: 688 }, vocabSize: 8192, tokenizerMb: 20, seqLen: 256, batchSize: 16, seedSteps: 900, expertSteps: 320, stitchSteps: 200, K: 4, lr: 2e-3, stitchLr: 2e-3, evalTokens: 16384, mathProblems: 96, mathMaxTokens: 96, corpusPreset: 'full', variants: true },
+  reproduce: { name: 'reproduce', model: { D: 256, L: 6, H: 8, Hkv: 4, F: 688 }, vocabSize: 8192, tokenizerMb: 20, seqLen: 256, batchSize: 16, seedSteps: 2400, expertSteps: 400, stitchSteps: 300, K: 4, lr: 2e-3, stitchLr: 2e-3, evalTokens: 16384, mathProblems: 96, mathMaxTokens: 96, corpusPreset: 'full', variants: true },
   demo: { name: 'demo', model: { D: 128, L: 4, H: 4, Hkv: 2, F: 352 }, vocabSize: 2048, tokenizerMb: 4, seqLen: 128, batchSize: 16, seedSteps: 1000, expertSteps: 400, stitchSteps: 500, K: 2, lr: 2e-3, stitchLr: 2e-3, evalTokens: 20000, mathProblems: 24, mathMaxTokens: 64, corpusPreset: 'default' },
 };
 
@@ -318,17 +319,20 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
   // 7b. ablations (scale.variants): K=1, all E->H, and the math expert removed then retrained briefly.
   const variantDirs: { name: string; dir: string }[] = [];
   if (scale.variants) {
-    const variants: { name: string; dir: string; make: () => Promise<StitchedModel>; steps: number }[] = [
+    // The retraining continues already trained stitches: it starts at a quarter of the stitch LR with
+    // no warmup (a fresh warmup to the full peak undid part of the trained stitches at reproduce
+    // scale: 4.626 retrained vs 4.609 without, in the 900-step run).
+    const variants: { name: string; dir: string; make: () => Promise<StitchedModel>; steps: number; lr?: number; warmupSteps?: number }[] = [
       { name: 'BTS K=1', dir: path.join(out, 'bts-k1'), steps: scale.stitchSteps, make: async () => { const { hub, experts } = await loadMembers(); return StitchedModel.create(hub, experts, { K: 1, expertNames: EXPERT_DOMAINS, seed }); } },
       { name: `BTS all E->H (K=${scale.K})`, dir: path.join(out, 'bts-alleh'), steps: scale.stitchSteps, make: async () => { const { hub, experts } = await loadMembers(); return StitchedModel.create(hub, experts, { K: scale.K, pattern: 'all-eh', expertNames: EXPERT_DOMAINS, seed }); } },
-      { name: 'BTS without math expert, retrained', dir: path.join(out, 'bts-nomath-retrained'), steps: Math.max(1, Math.floor(scale.stitchSteps / 4)), make: async () => (await StitchedModel.load(btsDir)).removeExpert('math') },
+      { name: 'BTS without math expert, retrained', dir: path.join(out, 'bts-nomath-retrained'), steps: Math.max(1, Math.floor(scale.stitchSteps / 4)), lr: scale.stitchLr / 4, warmupSteps: 0, make: async () => (await StitchedModel.load(btsDir)).removeExpert('math') },
     ];
     for (const v of variants) {
       variantDirs.push({ name: v.name, dir: v.dir });
       await phase(`variant:${path.basename(v.dir)}`, () => fs.existsSync(path.join(v.dir, 'train.json')), async () => {
         const model = await v.make();
         const r = await runTraining(model, {
-          ...train(v.name), train: await mixTrain(), mixWeights: mix, heldOut: await mixHeld(), out: v.dir, steps: v.steps, lr: scale.stitchLr, minLrRatio: 0.01, weightDecay: 0, evalBatches: EVAL_BATCHES, title: v.name,
+          ...train(v.name), train: await mixTrain(), mixWeights: mix, heldOut: await mixHeld(), out: v.dir, steps: v.steps, lr: v.lr ?? scale.stitchLr, warmupSteps: v.warmupSteps, minLrRatio: 0.01, weightDecay: 0, evalBatches: EVAL_BATCHES, title: v.name,
           saveFinal: async (m, dir) => (m as StitchedModel).save(dir),
           loadCheckpointModel: async (dir) => StitchedModel.load(dir),
         });
