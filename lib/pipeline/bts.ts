@@ -23,7 +23,8 @@
  *   8. evaluate   held-out (test split) loss per domain and part, math exact match by greedy
  *                 generation on held-out problem families, for: seed, each expert, model soup, BTM
  *                 ensemble, dense, BTS, and BTS without the math expert (no retraining)
- *   9. report     out/results.json, out/results.md (the table), out/figures/*.svg (loss curves,
+ *   9. report     out/results.json, out/results.md (the table, with every phase's wall time from
+ *                 out/phases.json, kept across resumed invocations), out/figures/*.svg (loss curves,
  *                 the table as bars, a gate map)
  */
 import * as fs from 'node:fs';
@@ -173,7 +174,11 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
   const seed = o.seed ?? 0;
   const mix = o.mix ?? DEFAULT_MIX;
   fs.mkdirSync(out, { recursive: true });
-  const phaseSeconds: Record<string, number> = {};
+  // Wall time of every completed phase, kept in out/phases.json across invocations: a resumed run
+  // reports the phases an earlier invocation finished too (a phase finished by resuming counts the
+  // resuming invocation's time only).
+  const phasesFile = path.join(out, 'phases.json');
+  const phaseSeconds: Record<string, number> = readPhaseSeconds(phasesFile);
   const phase = async <T>(name: string, done: () => boolean, run: () => Promise<T>): Promise<void> => {
     if (o.signal?.aborted) throw o.signal.reason ?? new Error('aborted');
     if (done()) {
@@ -186,6 +191,7 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
     const t0 = performance.now();
     await run();
     phaseSeconds[name] = (performance.now() - t0) / 1000;
+    writeFileAtomic(phasesFile, JSON.stringify(phaseSeconds, null, 1) + '\n');
     o.onPhase?.(name, 'done', phaseSeconds[name]);
     log(o, `[${name}] done in ${phaseSeconds[name].toFixed(1)} s`);
   };
@@ -414,6 +420,17 @@ export async function runPipeline(o: PipelineOptions): Promise<PipelineResult> {
   writeFigures(out, rows);
   const checks = claimChecks(rows);
   return { scale, seed, mix, rows, phaseSeconds, checks, out };
+}
+
+/** The phase wall times recorded in `file` ({} when it is missing or unreadable: they are a report, not state). */
+function readPhaseSeconds(file: string): Record<string, number> {
+  try {
+    const v = JSON.parse(fs.readFileSync(file, 'utf8')) as unknown;
+    if (!v || typeof v !== 'object' || Array.isArray(v)) return {};
+    return Object.fromEntries(Object.entries(v).filter(([, x]) => typeof x === 'number' && Number.isFinite(x) && x >= 0)) as Record<string, number>;
+  } catch {
+    return {};
+  }
 }
 
 /** The seed's Llama config at a scale. */

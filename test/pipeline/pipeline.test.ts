@@ -94,5 +94,14 @@ describe('BTS pipeline (toy scale)', () => {
     const again = await runPipeline({ out, scale: { ...SCALES.toy, corpusMb: 0.05 }, corpusSources: sources, progress: false, onPhase: (p, s) => s === 'skipped' && skipped.push(p) });
     expect(skipped).toHaveLength(10);
     expect(again.rows).toEqual(r.rows);
+    expect(again.phaseSeconds).toEqual(r.phaseSeconds);
+    // A run resumed after an interruption still reports the wall time of the phases an earlier
+    // invocation finished (out/phases.json), beside its own.
+    fs.rmSync(path.join(out, 'results.json'));
+    const resumed = await runPipeline({ out, scale: { ...SCALES.toy, corpusMb: 0.05 }, corpusSources: sources, progress: false });
+    expect(Object.keys(resumed.phaseSeconds)).toEqual(phases);
+    for (const p of phases.filter((x) => x !== 'evaluate')) expect(resumed.phaseSeconds[p], p).toBe(r.phaseSeconds[p]);
+    expect(resumed.rows.map((x) => x.model)).toEqual(names);
+    expect(fs.readFileSync(path.join(out, 'results.md'), 'utf8')).toMatch(/seed \d+, expert:code \d+/);
   }, 300_000);
 });
