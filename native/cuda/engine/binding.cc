@@ -34,6 +34,7 @@
 
 #include "../../binding/llama_args.h"
 #include "binding.h"
+#include "device_calls.h"
 #include "llama_cuda.h"
 
 // llama_args.h declares these for the CPU addon's mapped files (native/binding/engine.cc). The CUDA
@@ -116,16 +117,12 @@ class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap> {
   Napi::Value UploadWeights(const Napi::CallbackInfo& info) { return tensors_call(info, "uploadWeights"); }
   Napi::Value DownloadWeights(const Napi::CallbackInfo& info) { return tensors_call(info, "downloadWeights"); }
   Napi::Value DownloadGrads(const Napi::CallbackInfo& info) { return tensors_call(info, "downloadGrads"); }
-  Napi::Value ZeroGrads(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    std::shared_ptr<CudaLlamaModel> m = core(env, "zeroGrads");
-    std::vector<Napi::ObjectReference> pins;
-    pins.push_back(pin(info.This()));
-    return queue(env, "zeroGrads", [m] { m->zero_grads(); }, nullptr, std::move(pins), this, nullptr);
+  Napi::Value ZeroGrads(const Napi::CallbackInfo& info) { return bts::cuda::zero_grads_call(this, info); }
+  Napi::Value AdamwStep(const Napi::CallbackInfo& info) {
+    return bts::cuda::adamw_step_call(this, info, "the model was created without gradient buffers (frozen); pass { grads: true } to llamaCreate to train");
   }
-  Napi::Value AdamwStep(const Napi::CallbackInfo& info);
-  Napi::Value UploadMoments(const Napi::CallbackInfo& info) { return moments_call(info, true); }
-  Napi::Value DownloadMoments(const Napi::CallbackInfo& info) { return moments_call(info, false); }
+  Napi::Value UploadMoments(const Napi::CallbackInfo& info) { return bts::cuda::moments_call(this, info, true); }
+  Napi::Value DownloadMoments(const Napi::CallbackInfo& info) { return bts::cuda::moments_call(this, info, false); }
   Napi::Value GradNames(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const std::shared_ptr<CudaLlamaModel>& m = core(env, "gradNames");
@@ -147,16 +144,16 @@ class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap> {
     return info.Env().Undefined();
   }
 
+  // The Float32Arrays of obj by HF name, each checked against its tensor's numel (and, with
+  // `trained`, against having a gradient), pinned into `pins` (device_calls.h).
+  std::vector<CudaLlamaModel::HostTensor> host_tensors(Napi::Env env, const Napi::Value& v, const std::string& what,
+                                                       const CudaLlamaModel& model, bool trained,
+                                                       std::vector<Napi::ObjectReference>& pins);
+
  private:
   // uploadWeights / downloadWeights / downloadGrads(obj): Float32Arrays by HF name, each of its
   // tensor's numel, checked here; the copies run on a worker.
   Napi::Value tensors_call(const Napi::CallbackInfo& info, const char* method);
-  // The Float32Arrays of obj by HF name, each checked against its tensor's numel (and, with
-  // `trained`, against having a gradient), pinned into `pins`.
-  std::vector<CudaLlamaModel::HostTensor> host_tensors(Napi::Env env, const Napi::Value& v, const std::string& what,
-                                                       const CudaLlamaModel& model, bool trained,
-                                                       std::vector<Napi::ObjectReference>& pins);
-  Napi::Value moments_call(const Napi::CallbackInfo& info, bool upload);
 
   Ctors* ctors_ = nullptr;
   uint64_t id_ = 0;
@@ -238,56 +235,13 @@ Napi::Value CudaLlamaWrap::ForwardBackward(const Napi::CallbackInfo& info) {
 std::vector<CudaLlamaModel::HostTensor> CudaLlamaWrap::host_tensors(Napi::Env env, const Napi::Value& v, const std::string& m,
                                                                     const CudaLlamaModel& model, bool trained,
                                                                     std::vector<Napi::ObjectReference>& pins) {
-  if (!v.IsObject() || v.IsArray() || v.IsTypedArray())
-    throw make_error(env, "E_ARGUMENT", m + ": expected an object of Float32Arrays by HF name, got " + describe(v));
-  Napi::Object o = v.As<Napi::Object>();
-  Napi::Array keys = o.GetPropertyNames();
-  const LlamaConfig& c = model.config();
-  std::vector<CudaLlamaModel::HostTensor> ts;
-  for (uint32_t i = 0; i < keys.Length(); i++) {
-    const std::string name = keys.Get(i).ToString().Utf8Value();
-    const TensorSpec* s = nullptr;
+  auto numel_of = [&](const std::string& name) -> int64_t {
     for (const TensorSpec& x : model.specs())
-      if (x.name == name) s = &x;
-    if (!s) throw make_error(env, "E_ARGUMENT", m + ": '" + name + "' is not a tensor of this config" + tensor_name_hint(c, name));
-    if (trained && !model.has_grad(name))
-      throw make_error(env, "E_ARGUMENT", m + ": '" + name + "' has no gradient (llamaCreate options.grads did not include it)");
-    Napi::TypedArray a = typed(env, o.Get(name), napi_float32_array, "Float32Array", s->numel, m + ": ['" + name + "']", "numel");
-    pins.push_back(pin(a));
-    ts.push_back({name, data_of<float>(a)});
-  }
-  return ts;
-}
-
-Napi::Value CudaLlamaWrap::moments_call(const Napi::CallbackInfo& info, bool upload) {
-  Napi::Env env = info.Env();
-  const char* method = upload ? "uploadMoments" : "downloadMoments";
-  const std::string m = std::string(kClass) + "." + method;
-  std::shared_ptr<CudaLlamaModel> model = core(env, method);
-  std::vector<Napi::ObjectReference> pins;
-  pins.push_back(pin(info.This()));
-  std::vector<CudaLlamaModel::HostTensor> mt = host_tensors(env, info.Length() > 0 ? info[0] : env.Undefined(), m + ": m", *model, true, pins);
-  std::vector<CudaLlamaModel::HostTensor> vt = host_tensors(env, info.Length() > 1 ? info[1] : env.Undefined(), m + ": v", *model, true, pins);
-  auto work = [model, mt, vt, upload] {
-    if (upload) model->upload_moments(mt, vt);
-    else model->download_moments(mt, vt);
+      if (x.name == name) return x.numel;
+    return -1;
   };
-  return queue(env, method, work, nullptr, std::move(pins), this, nullptr);
-}
-
-Napi::Value CudaLlamaWrap::AdamwStep(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  const std::string m = std::string(kClass) + ".adamwStep";
-  std::shared_ptr<CudaLlamaModel> model = core(env, "adamwStep");
-  if (!model->trainable())
-    throw make_error(env, "E_ARGUMENT", m + ": the model was created without gradient buffers (frozen); pass { grads: true } to llamaCreate to train");
-  CudaLlamaModel::OptimStep s;
-  bts::cuda::parse_adamw_hyper(env, info.Length() > 0 ? info[0] : env.Undefined(), m, &s);
-  std::vector<Napi::ObjectReference> pins;
-  pins.push_back(pin(info.This()));
-  auto norm = std::make_shared<float>(0.f);
-  return queue(env, "adamwStep", [model, s, norm] { *norm = model->adamw_step(s); },
-               [norm](Napi::Env e) -> Napi::Value { return Napi::Number::New(e, double(*norm)); }, std::move(pins), this, nullptr);
+  auto unknown = [&](const std::string& name) { return "is not a tensor of this config" + tensor_name_hint(model.config(), name); };
+  return bts::cuda::host_tensors(env, v, m, model, trained, pins, "HF name", "llamaCreate", numel_of, unknown);
 }
 
 Napi::Value CudaLlamaWrap::tensors_call(const Napi::CallbackInfo& info, const char* method) {

@@ -41,6 +41,7 @@
 #include "../../binding/llama_args.h"
 #include "../../binding/stitched_args.h"
 #include "binding.h"
+#include "device_calls.h"
 #include "stitched_cuda.h"
 
 namespace {
@@ -122,16 +123,12 @@ class CudaStitchedWrap : public Napi::ObjectWrap<CudaStitchedWrap> {
   Napi::Value DownloadWeights(const Napi::CallbackInfo& info) { return tensors_call(info, "downloadWeights"); }
   Napi::Value DownloadGrads(const Napi::CallbackInfo& info) { return tensors_call(info, "downloadGrads"); }
   Napi::Value UploadGrads(const Napi::CallbackInfo& info) { return tensors_call(info, "uploadGrads"); }
-  Napi::Value AdamwStep(const Napi::CallbackInfo& info);
-  Napi::Value UploadMoments(const Napi::CallbackInfo& info) { return moments_call(info, true); }
-  Napi::Value DownloadMoments(const Napi::CallbackInfo& info) { return moments_call(info, false); }
-  Napi::Value ZeroGrads(const Napi::CallbackInfo& info) {
-    Napi::Env env = info.Env();
-    std::shared_ptr<CudaStitchedModel> m = core(env, "zeroGrads");
-    std::vector<Napi::ObjectReference> pins;
-    pins.push_back(pin(info.This()));
-    return queue(env, "zeroGrads", [m] { m->zero_grads(); }, nullptr, std::move(pins), this, nullptr);
+  Napi::Value AdamwStep(const Napi::CallbackInfo& info) {
+    return bts::cuda::adamw_step_call(this, info, "the stitched model was created without gradient buffers (frozen stitches); pass { grads: true } to stitchedCreate to train");
   }
+  Napi::Value UploadMoments(const Napi::CallbackInfo& info) { return bts::cuda::moments_call(this, info, true); }
+  Napi::Value DownloadMoments(const Napi::CallbackInfo& info) { return bts::cuda::moments_call(this, info, false); }
+  Napi::Value ZeroGrads(const Napi::CallbackInfo& info) { return bts::cuda::zero_grads_call(this, info); }
   Napi::Value GradNames(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     const std::shared_ptr<CudaStitchedModel>& m = core(env, "gradNames");
@@ -153,14 +150,14 @@ class CudaStitchedWrap : public Napi::ObjectWrap<CudaStitchedWrap> {
     return info.Env().Undefined();
   }
 
- private:
-  Napi::Value tensors_call(const Napi::CallbackInfo& info, const char* method);
   // The Float32Arrays of obj by stitch tensor name, each of its tensor's numel (and, with `trained`,
-  // with a gradient), pinned into `pins`; E_ARGUMENT / E_SHAPE naming the method `m`.
+  // with a gradient), pinned into `pins`; E_ARGUMENT / E_SHAPE naming the method `m` (device_calls.h).
   std::vector<CudaStitchedModel::HostTensor> host_tensors(Napi::Env env, const Napi::Value& v, const std::string& m,
                                                           const CudaStitchedModel& model, bool trained,
                                                           std::vector<Napi::ObjectReference>& pins);
-  Napi::Value moments_call(const Napi::CallbackInfo& info, bool upload);
+
+ private:
+  Napi::Value tensors_call(const Napi::CallbackInfo& info, const char* method);
 
   Ctors* ctors_ = nullptr;
   uint64_t id_ = 0;
@@ -303,26 +300,15 @@ Napi::Value CudaStitchedWrap::Gates(const Napi::CallbackInfo& info) {
 std::vector<CudaStitchedModel::HostTensor> CudaStitchedWrap::host_tensors(Napi::Env env, const Napi::Value& v, const std::string& m,
                                                                           const CudaStitchedModel& model, bool trained,
                                                                           std::vector<Napi::ObjectReference>& pins) {
-  if (!v.IsObject() || v.IsArray() || v.IsTypedArray())
-    throw make_error(env, "E_ARGUMENT", m + ": expected an object of Float32Arrays by stitch tensor name, got " + describe(v));
-  Napi::Object o = v.As<Napi::Object>();
-  Napi::Array keys = o.GetPropertyNames();
-  std::vector<CudaStitchedModel::HostTensor> ts;
-  for (uint32_t i = 0; i < keys.Length(); i++) {
-    const std::string name = keys.Get(i).ToString().Utf8Value();
-    const StitchTensor* t = nullptr;
+  auto numel_of = [&](const std::string& name) -> int64_t {
     for (const StitchTensor& x : model.tensors())
-      if (x.name == name) t = &x;
-    if (!t)
-      throw make_error(env, "E_ARGUMENT", m + ": '" + name + "' is not a stitch tensor of " + std::to_string(K_) + " stitches and " +
-                                              std::to_string(M_ - 1) + " experts");
-    if (trained && !model.has_grad(name))
-      throw make_error(env, "E_ARGUMENT", m + ": '" + name + "' has no gradient (stitchedCreate options.grads did not include it)");
-    Napi::TypedArray a = typed(env, o.Get(name), napi_float32_array, "Float32Array", t->numel, m + ": ['" + name + "']", "numel");
-    pins.push_back(pin(a));
-    ts.push_back({name, data_of<float>(a)});
-  }
-  return ts;
+      if (x.name == name) return x.numel;
+    return -1;
+  };
+  auto unknown = [&](const std::string&) {
+    return "is not a stitch tensor of " + std::to_string(K_) + " stitches and " + std::to_string(M_ - 1) + " experts";
+  };
+  return bts::cuda::host_tensors(env, v, m, model, trained, pins, "stitch tensor name", "stitchedCreate", numel_of, unknown);
 }
 
 // uploadWeights / downloadWeights / downloadGrads / uploadGrads(obj): checked here; the copies run on
@@ -343,39 +329,6 @@ Napi::Value CudaStitchedWrap::tensors_call(const Napi::CallbackInfo& info, const
     else model->download_grads(ts);
   };
   return queue(env, method, work, nullptr, std::move(pins), this, nullptr);
-}
-
-// uploadMoments / downloadMoments(m, v): Float32Arrays by name of stitch tensors with a gradient.
-Napi::Value CudaStitchedWrap::moments_call(const Napi::CallbackInfo& info, bool upload) {
-  Napi::Env env = info.Env();
-  const char* method = upload ? "uploadMoments" : "downloadMoments";
-  const std::string m = std::string(kClass) + "." + method;
-  std::shared_ptr<CudaStitchedModel> model = core(env, method);
-  std::vector<Napi::ObjectReference> pins;
-  pins.push_back(pin(info.This()));
-  std::vector<CudaStitchedModel::HostTensor> mt = host_tensors(env, info.Length() > 0 ? info[0] : env.Undefined(), m + ": m", *model, true, pins);
-  std::vector<CudaStitchedModel::HostTensor> vt = host_tensors(env, info.Length() > 1 ? info[1] : env.Undefined(), m + ": v", *model, true, pins);
-  auto work = [model, mt, vt, upload] {
-    if (upload) model->upload_moments(mt, vt);
-    else model->download_moments(mt, vt);
-  };
-  return queue(env, method, work, nullptr, std::move(pins), this, nullptr);
-}
-
-// adamwStep(hyper) -> Promise<gradNorm>
-Napi::Value CudaStitchedWrap::AdamwStep(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  const std::string m = std::string(kClass) + ".adamwStep";
-  std::shared_ptr<CudaStitchedModel> model = core(env, "adamwStep");
-  if (!model->trainable())
-    throw make_error(env, "E_ARGUMENT", m + ": the stitched model was created without gradient buffers (frozen stitches); pass { grads: true } to stitchedCreate to train");
-  CudaStitchedModel::OptimStep s;
-  bts::cuda::parse_adamw_hyper(env, info.Length() > 0 ? info[0] : env.Undefined(), m, &s);
-  std::vector<Napi::ObjectReference> pins;
-  pins.push_back(pin(info.This()));
-  auto norm = std::make_shared<float>(0.f);
-  return queue(env, "adamwStep", [model, s, norm] { *norm = model->adamw_step(s); },
-               [norm](Napi::Env e) -> Napi::Value { return Napi::Number::New(e, double(*norm)); }, std::move(pins), this, nullptr);
 }
 
 Napi::Value StitchedCreate(const Napi::CallbackInfo& info) {
