@@ -4,7 +4,7 @@
  * The reproducible table of issue 5: the whole BTS pipeline at the 'reproduce' scale of
  * lib/pipeline/bts.ts (an 8.6M-parameter seed, the full Debian + npm corpora of `bts data --preset
  * full`, every baseline and ablation: seed, experts, model soup, BTM ensemble, dense, BTS K=4, K=1,
- * all E->H, without the math expert with and without retraining), sized for about 90 minutes on 2
+ * all E->H, without the math expert with and without retraining), sized for about two hours on 2
  * cores. Every phase checkpoints; rerunning the command resumes where it stopped.
  * The working folder (models, checkpoints) defaults to ~/.cache/branch-train-stitch/reproduce; the
  * results (results.json, results.md, figures/*.svg) are copied to bench/results/reproduce/.
