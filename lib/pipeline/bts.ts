@@ -91,8 +91,8 @@ export const SCALES: Record<string, PipelineScale> = {
    * benchmark, vocab 8192, untied) pretrained on 9.8M tokens of the seed mix, three experts on 1.6M
    * tokens each, then the dense baseline and the stitch runs (K=4, K=1, all E->H on 1.2M tokens each
    * of the datamix, no-math retrained on a quarter of that): about 20M training tokens in all.
-   * Chosen by measured speed on this machine (about 4000 training tokens/s for the seed's shape, 1700
-   * for a hub + 3 experts stitch step, 13 min of evaluation) so that the whole table completes in one
+   * Chosen by measured speed on this machine (about 4700 training tokens/s for the seed's shape, 2300
+   * for a hub + 3 experts stitch step, 12 min of evaluation) so that the whole table completes in one
    * sitting. The seed takes half the token budget: every later phase starts from it.
    */
   reproduce: { name: 'reproduce', model: { D: 256, L: 6, H: 8, Hkv: 4, F: 688 }, vocabSize: 8192, tokenizerMb: 20, seqLen: 256, batchSize: 16, seedSteps: 2400, expertSteps: 400, stitchSteps: 300, K: 4, lr: 2e-3, stitchLr: 2e-3, evalTokens: 16384, mathProblems: 96, mathMaxTokens: 96, corpusPreset: 'full', variants: true },
