@@ -35,6 +35,7 @@ import * as path from 'node:path';
 import { ArgumentError, DisposedError, FormatError, ShapeError, TokenRangeError, UnsupportedFeatureError } from '../errors.js';
 import { checkDevice, resolveDevice, type Device } from '../device.js';
 import { cudaLlamaCreate, type CudaLlama } from '../engine/cuda-native.js';
+import { DeviceMoments } from '../engine/device-moments.js';
 import { loadLlamaConfig, llamaTensorNames, writeLlamaConfig, type LlamaConfig } from '../formats/hf-config.js';
 import {
   bf16ToF32,
@@ -157,8 +158,7 @@ export class LlamaModel implements Disposable, CausalDecoder {
    * CUDA engine: the moment arrays whose state the device optimizer holds (null: none), and whether
    * the device state is newer than those host arrays (steps since the last {@link syncMoments}).
    */
-  private cudaMoments: { m: Float32Array; v: Float32Array } | null = null;
-  private cudaMomentsAhead = false;
+  private readonly deviceMoments = new DeviceMoments();
 
   private constructor(config: LlamaConfig, tokenizer: BpeTokenizer | null, layout: ParamLayout | null, params: Float32Array | null, held: Map<string, Held>, files: NativeMappedFile[]) {
     this.config = config;
@@ -407,14 +407,8 @@ export class LlamaModel implements Disposable, CausalDecoder {
       return { gradNorm: r.gradNorm };
     }
     const cuda = (await this.ready()) as CudaLlama;
-    if (!this.cudaMoments || this.cudaMoments.m !== o.m || this.cudaMoments.v !== o.v) {
-      if (this.cudaMomentsAhead) throw new ArgumentError('optimizerStep: the device holds moments newer than their host arrays; call syncMoments() with those arrays before switching to others');
-      await cuda.uploadMoments(viewsOf(this.layout, o.m), viewsOf(this.layout, o.v));
-      this.cudaMoments = { m: o.m, v: o.v };
-    }
-    this.cudaMomentsAhead = true;
-    const gradNorm = await cuda.adamwStep({ lr: o.lr, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay, maxGradNorm: o.maxGradNorm, step: o.step });
-    await cuda.downloadWeights(viewsOf(this.layout, this.params));
+    const layout = this.layout;
+    const gradNorm = await this.deviceMoments.step(cuda, (x) => viewsOf(layout, x), this.params, o);
     return { gradNorm };
   }
 
@@ -424,10 +418,7 @@ export class LlamaModel implements Disposable, CausalDecoder {
    */
   async syncMoments(m: Float32Array, v: Float32Array): Promise<void> {
     this.checkAlive();
-    if (!this.cudaMomentsAhead || !this.cudaMoments || !this.handle) return;
-    if (this.cudaMoments.m !== m || this.cudaMoments.v !== v) throw new ArgumentError('syncMoments: these are not the moment arrays the device optimizer was started with');
-    await (this.handle as CudaLlama).downloadMoments(viewsOf(this.layout!, m), viewsOf(this.layout!, v));
-    this.cudaMomentsAhead = false;
+    await this.deviceMoments.sync(this.handle as CudaLlama | null, (x) => viewsOf(this.layout!, x), m, v);
   }
 
   /** Sets every gradient to zero. */
@@ -587,13 +578,12 @@ export class LlamaModel implements Disposable, CausalDecoder {
   private dropHandle(): void {
     if (this.handle) this.handle.dispose();
     this.handle = null;
-    this.cudaMoments = null;
-    this.cudaMomentsAhead = false;
+    this.deviceMoments.reset();
   }
 
   /** Refuses to drop a CUDA engine whose optimizer state has not been copied back (it would be lost). */
   private checkMomentsSynced(what: string): void {
-    if (this.cudaMomentsAhead) throw new ArgumentError(`${what}: the CUDA engine holds AdamW moments newer than the host arrays; await syncMoments(m, v) first (a Trainer does at every checkpoint)`);
+    this.deviceMoments.checkSynced(what);
   }
 
   private storedDtype(): 'f32' | 'bf16' {

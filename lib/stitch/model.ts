@@ -39,6 +39,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { checkDevice, resolveDevice, type Device } from '../device.js';
 import { cudaStitchedCreate, type CudaStitched } from '../engine/cuda-stitched.js';
+import { DeviceMoments } from '../engine/device-moments.js';
 import { ArgumentError, DisposedError, FormatError, ShapeError, UnsupportedFeatureError } from '../errors.js';
 import { writeFileAtomic } from '../formats/atomic.js';
 import { openSafetensors, writeSafetensorsAsync, type TensorToWrite } from '../formats/safetensors.js';
@@ -157,8 +158,7 @@ export class StitchedModel implements CausalDecoder {
    * CUDA engine: the moment arrays whose state the device optimizer holds (null: none), and whether
    * the device state is newer than those host arrays (steps since the last {@link syncMoments}).
    */
-  private cudaMoments: { m: Float32Array; v: Float32Array } | null = null;
-  private cudaMomentsAhead = false;
+  private readonly deviceMoments = new DeviceMoments();
   /** True when this object loaded its hub and experts itself (StitchedModel.load): dispose() frees them. */
   private ownsMembers = false;
 
@@ -337,16 +337,9 @@ export class StitchedModel implements CausalDecoder {
       return { gradNorm: r.gradNorm };
     }
     const cuda = (await this.ready()) as CudaStitched;
-    if (!this.cudaMoments || this.cudaMoments.m !== o.m || this.cudaMoments.v !== o.v) {
-      if (this.cudaMomentsAhead) throw new ArgumentError('optimizerStep: the device holds moments newer than their host arrays; call syncMoments() with those arrays before switching to others');
-      await cuda.uploadMoments(this.views(o.m), this.views(o.v));
-      this.cudaMoments = { m: o.m, v: o.v };
-    }
     // The device sum is unmasked; the host copy was masked after every forwardBackward.
-    if (this.trainableRanges) await cuda.uploadGrads(this.views(this.grads));
-    this.cudaMomentsAhead = true;
-    const gradNorm = await cuda.adamwStep({ lr: o.lr, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay, maxGradNorm: o.maxGradNorm, step: o.step });
-    await cuda.downloadWeights(this.views(this.params));
+    const beforeStep = this.trainableRanges ? () => cuda.uploadGrads(this.views(this.grads)) : undefined;
+    const gradNorm = await this.deviceMoments.step(cuda, (x) => this.views(x), this.params, o, beforeStep);
     return { gradNorm };
   }
 
@@ -356,10 +349,7 @@ export class StitchedModel implements CausalDecoder {
    */
   async syncMoments(m: Float32Array, v: Float32Array): Promise<void> {
     this.checkAlive();
-    if (!this.cudaMomentsAhead || !this.cudaMoments || !this.handle) return;
-    if (this.cudaMoments.m !== m || this.cudaMoments.v !== v) throw new ArgumentError('syncMoments: these are not the moment arrays the device optimizer was started with');
-    await (this.handle as CudaStitched).downloadMoments(this.views(m), this.views(v));
-    this.cudaMomentsAhead = false;
+    await this.deviceMoments.sync(this.handle as CudaStitched | null, (x) => this.views(x), m, v);
   }
 
   async loss(inputs: Int32Array, targets: Int32Array, B: number, T: number, losses: Float32Array | null = null): Promise<{ lossSum: number; count: number }> {
@@ -512,10 +502,10 @@ export class StitchedModel implements CausalDecoder {
   setDevice(device: Device): void {
     this.checkAlive();
     checkDevice(device, 'setDevice: device');
-    if (this.cudaMomentsAhead) throw new ArgumentError('setDevice: the CUDA engine holds AdamW moments newer than the host arrays; await syncMoments(m, v) first (a Trainer does at every checkpoint)');
+    this.deviceMoments.checkSynced('setDevice');
     this.handle?.dispose();
     this.handle = null;
-    this.cudaMoments = null;
+    this.deviceMoments.reset();
     this.deviceChoice = device;
     this.resolvedDevice = null;
   }
